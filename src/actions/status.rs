@@ -1,0 +1,31 @@
+//! `status`: the runtime's own status object, verbatim.
+
+use super::Context;
+use crate::contract::{Completion, OpsResult, Record, ResultStatus};
+use crate::runtime::command_cwd;
+
+pub async fn run(cx: Context<'_>) -> OpsResult {
+    let Some(root) = cx.resolution.root.as_deref() else {
+        return cx.failure(Record::error(
+            "workspace_unresolved",
+            "Unable to resolve Millrace workspace.",
+        ));
+    };
+    let cwd = command_cwd(cx.service.settings.cwd.as_deref(), root);
+    match cx.service.millrace.status(root, &cwd).await {
+        Ok(status) => {
+            let mut out = OpsResult::new(
+                &cx.request.request_id,
+                &cx.request.action,
+                ResultStatus::Succeeded,
+                cx.resolution.workspace_ref(&cx.request.workspace_ref),
+                cx.started_at.clone(),
+            );
+            out.result = status;
+            out.route = Some("status_only".to_string());
+            out.completion = Some(Completion::unknown("not_applicable"));
+            out
+        }
+        Err(err) => cx.failure(Record::error(err.code(), err.to_string())),
+    }
+}

@@ -1,0 +1,197 @@
+//! The command line: `millracer worker` and `millracer ops`, with the reference's common
+//! options and defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "millracer",
+    version,
+    about = "Millrace on a NATS bus: typed ops requests, per-workspace lanes, streamed event frames."
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MILLRACER_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve Millrace workspaces on the bus.
+    Worker(WorkerArgs),
+    /// Send one OpsRequest (stdin) and print its OpsResult, like any other adapter.
+    Ops(OpsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Route {
+    Auto,
+    Direct,
+    Millrace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Intake {
+    Auto,
+    Probe,
+    Idea,
+    Task,
+}
+
+/// The reference's common options, with its defaults.
+#[derive(Debug, Clone, Args)]
+pub struct CommonOptions {
+    /// Working directory for runtime commands, when it differs from the workspace.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Route::Auto)]
+    pub route: Route,
+    #[arg(long, value_enum, default_value_t = Intake::Auto)]
+    pub intake: Intake,
+    #[arg(long, default_value = "pi")]
+    pub pi_command: String,
+    /// The Millrace CLI program (one executable; never a shell line).
+    #[arg(long, default_value = "millrace", env = "MILLRACER_MILLRACE_COMMAND")]
+    pub millrace_command: String,
+    #[arg(long)]
+    pub provider: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value = "high")]
+    pub thinking: String,
+    /// Millrace mode for delegated work (also each workspace's default mode).
+    #[arg(long, default_value = "default_pi")]
+    pub millrace_mode: String,
+    #[arg(long = "skill")]
+    pub skills: Vec<PathBuf>,
+    #[arg(long)]
+    pub no_default_skills: bool,
+    #[arg(long, default_value_t = 2.0)]
+    pub poll_interval_seconds: f64,
+    #[arg(long, default_value_t = 7200.0)]
+    pub daemon_timeout_seconds: f64,
+    #[arg(long, default_value_t = 1)]
+    pub max_daemon_restarts: u32,
+    #[arg(long)]
+    pub pi_timeout_seconds: Option<u64>,
+    #[arg(long)]
+    pub keep_daemon: bool,
+    #[arg(long, overrides_with = "no_notify_terminal_stages")]
+    pub notify_terminal_stages: bool,
+    #[arg(long, overrides_with = "notify_terminal_stages")]
+    pub no_notify_terminal_stages: bool,
+    /// Upper bound in seconds for one short runtime command (status, queue add …).
+    #[arg(long, default_value_t = 120.0)]
+    pub runtime_timeout_seconds: f64,
+}
+
+/// How to reach NATS and prove who we are.
+#[derive(Debug, Clone, Args)]
+pub struct NatsOptions {
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "MILLRACER_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "MILLRACER_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "MILLRACER_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "MILLRACER_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// A `.creds` file (JWT + nkey seed).
+    #[arg(long, env = "MILLRACER_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// A workspace to serve: `PATH`, or `ID=PATH` (repeatable). A single unnamed one
+    /// gets the id `default`.
+    #[arg(long = "workspace", value_name = "[ID=]PATH")]
+    pub workspaces: Vec<String>,
+    /// A TOML file listing workspaces (and optionally `[nats] url`).
+    #[arg(long, env = "MILLRACER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Requests larger than this many bytes are refused with `request_too_large`.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub max_request_bytes: usize,
+    /// How long a finished result is kept for a repeated request_id.
+    #[arg(long, default_value_t = 900)]
+    pub result_ttl_seconds: u64,
+    /// How many finished results are kept for repeated request_ids.
+    #[arg(long, default_value_t = 10_000)]
+    pub result_capacity: usize,
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// The bus when a worker answers for the workspace, else in-process (said on stderr).
+    Auto,
+    /// The bus only; no worker is an error (exit 3).
+    Nats,
+    /// In-process, with the reference's workspace resolution.
+    Local,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OpsArgs {
+    /// Print the OpsResult as indented JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print each event frame as one JSON line as it arrives, then the OpsResult line.
+    #[arg(long)]
+    pub stream_json: bool,
+    #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
+    pub transport: Transport,
+    /// Give up waiting for the result after this many seconds (default: wait).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Workspace root and default command working directory.
+    #[arg(long, default_value = ".")]
+    pub workspace: PathBuf,
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+impl CommonOptions {
+    /// `--notify-terminal-stages` is on unless `--no-notify-terminal-stages` came last.
+    pub fn notify(&self) -> bool {
+        !self.no_notify_terminal_stages
+    }
+
+    pub fn settings(&self) -> crate::dispatch::Settings {
+        crate::dispatch::Settings {
+            millrace_mode: self.millrace_mode.clone(),
+            cwd: self.cwd.clone(),
+            daemon_timeout: secs(self.daemon_timeout_seconds),
+            max_daemon_restarts: self.max_daemon_restarts,
+            keep_daemon: self.keep_daemon,
+            notify_terminal_stages: self.notify(),
+        }
+    }
+
+    pub fn millrace(&self) -> crate::runtime::Millrace {
+        crate::runtime::Millrace::new(
+            self.millrace_command.clone(),
+            secs(self.runtime_timeout_seconds),
+        )
+    }
+}
+
+/// Seconds from the command line as a duration; negative or absurd values are clamped.
+pub fn secs(value: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(std::time::Duration::MAX)
+}

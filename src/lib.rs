@@ -1,0 +1,22 @@
+//! millracer: Millrace on a NATS bus.
+//!
+//! Adapters publish typed OpsRequests; a worker runs them against the local Millrace
+//! workspaces it serves, one change at a time per workspace, streams ordered event
+//! frames and answers with exactly one OpsResult. See the README for the subject layout.
+
+pub mod actions;
+pub mod bridge;
+pub mod cli;
+pub mod config;
+pub mod contract;
+pub mod dispatch;
+pub mod engine;
+pub mod ledger;
+pub mod logging;
+pub mod progress;
+pub mod runtime;
+pub mod sessions;
+pub mod subjects;
+pub mod transport;
+pub mod worker;
+pub mod workspace;

@@ -1,0 +1,114 @@
+//! Event frames and results on their way out. The engine and handlers push
+//! [`Outbound`] messages; a transport (NATS or in-process) delivers them in order.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::contract::{OpsEventFrame, OpsResult};
+
+/// An opaque reply address given by the transport (a NATS reply subject, or a local id).
+pub type ReplyTo = String;
+
+/// A message for the transport to deliver.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// One frame of one request; `workspace` is the resolved workspace id, if any.
+    Frame {
+        workspace: Option<String>,
+        frame: OpsEventFrame,
+    },
+    /// The final result, for every caller waiting on this request.
+    Result {
+        to: Vec<ReplyTo>,
+        workspace: Option<String>,
+        result: Arc<OpsResult>,
+    },
+}
+
+/// Emits the frames of one request, numbered 1, 2, 3 … without gaps. Numbering and
+/// sending happen under one lock so frames leave in sequence order even when emitted
+/// from several tasks.
+#[derive(Debug)]
+pub struct Progress {
+    request_id: String,
+    workspace: Option<String>,
+    state: Mutex<u64>,
+    out: UnboundedSender<Outbound>,
+}
+
+impl Progress {
+    pub fn new(
+        request_id: &str,
+        workspace: Option<String>,
+        out: UnboundedSender<Outbound>,
+    ) -> Self {
+        Self {
+            request_id: request_id.to_string(),
+            workspace,
+            state: Mutex::new(0),
+            out,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn workspace(&self) -> Option<&str> {
+        self.workspace.as_deref()
+    }
+
+    /// Emits one frame; returns its sequence number.
+    pub fn emit(
+        &self,
+        event_type: &str,
+        severity: &str,
+        message: impl Into<String>,
+        payload: Map<String, Value>,
+    ) -> u64 {
+        let mut seq = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
+        let frame = OpsEventFrame::new(
+            &self.request_id,
+            *seq,
+            event_type,
+            severity,
+            message,
+            payload,
+        );
+        // A closed channel means the process is going away; the frame has nowhere to go.
+        let _ = self.out.send(Outbound::Frame {
+            workspace: self.workspace.clone(),
+            frame,
+        });
+        *seq
+    }
+
+    /// An `info` frame.
+    pub fn info(
+        &self,
+        event_type: &str,
+        message: impl Into<String>,
+        payload: Map<String, Value>,
+    ) -> u64 {
+        self.emit(event_type, "info", message, payload)
+    }
+
+    /// How many frames were emitted so far.
+    pub fn last_sequence(&self) -> u64 {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Builds a payload map from pairs.
+#[macro_export]
+macro_rules! payload {
+    ($($key:expr => $value:expr),* $(,)?) => {{
+        #[allow(unused_mut)]
+        let mut map = serde_json::Map::new();
+        $(map.insert($key.to_string(), serde_json::json!($value));)*
+        map
+    }};
+}

@@ -1,0 +1,137 @@
+//! Every NATS subject millracer uses is built here and nowhere else.
+//!
+//! Layout (version early, one plane per purpose):
+//!
+//! | subject | what |
+//! |---|---|
+//! | `millracer.ops.v0_2.req.ws.<workspace>` | OpsRequest for a workspace by id |
+//! | `millracer.ops.v0_2.req.path.<path_key>` | OpsRequest for a workspace by canonical root path |
+//! | `millracer.ops.v0_2.req.any` | any worker; workspace-less actions |
+//! | `millracer.ops.v0_2.frames.<workspace>.<request>` | event frames of one request |
+//!
+//! Anything that comes from a caller (a request_id, a workspace id) passes through
+//! [`token`] before it becomes part of a subject, so `.`, `*`, `>`, spaces and `$` can
+//! never reach another subject.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+const ROOT: &str = "millracer.ops.v0_2";
+
+/// The queue group every worker joins, so one request reaches one worker.
+pub const QUEUE_GROUP: &str = "millracer-workers";
+
+/// The frames token used when a request resolved no workspace.
+pub const NO_WORKSPACE: &str = "_none";
+
+/// Header carrying the raw request_id on frames and results.
+pub const HEADER_REQUEST_ID: &str = "Millracer-Request-Id";
+/// Header carrying the schema version.
+pub const HEADER_SCHEMA: &str = "Millracer-Schema";
+/// Header carrying a frame's event type, so a consumer can filter without parsing.
+pub const HEADER_EVENT_TYPE: &str = "Millracer-Event-Type";
+/// Header carrying a frame's sequence number.
+pub const HEADER_SEQUENCE: &str = "Millracer-Sequence";
+
+/// True when `s` may be used verbatim as a subject token: `[A-Za-z0-9-][A-Za-z0-9_-]{0,63}`.
+/// A leading `_` is reserved for encoded and special tokens, so they cannot collide.
+pub fn is_plain_token(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0] != b'_'
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
+/// A caller-supplied id as one safe subject token: verbatim when plain, otherwise
+/// `_h` + 32 hex digits of its SHA-256.
+pub fn token(id: &str) -> String {
+    if is_plain_token(id) {
+        id.to_string()
+    } else {
+        format!("_h{}", hex_prefix(id.as_bytes()))
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The routing key of a canonical workspace root path.
+pub fn path_key(canonical_root: &Path) -> String {
+    hex_prefix(canonical_root.as_os_str().as_encoded_bytes())
+}
+
+/// Requests for the workspace with this id.
+pub fn request_by_id(workspace_id: &str) -> String {
+    format!("{ROOT}.req.ws.{}", token(workspace_id))
+}
+
+/// Requests for the workspace at this canonical root path.
+pub fn request_by_path(canonical_root: &Path) -> String {
+    format!("{ROOT}.req.path.{}", path_key(canonical_root))
+}
+
+/// Requests any worker may answer.
+pub fn request_any() -> String {
+    format!("{ROOT}.req.any")
+}
+
+/// Frames of one request; `workspace` is the resolved workspace id, if any.
+pub fn frames(workspace: Option<&str>, request_id: &str) -> String {
+    let ws = workspace.map_or_else(|| NO_WORKSPACE.to_string(), token);
+    format!("{ROOT}.frames.{ws}.{}", token(request_id))
+}
+
+/// Subscribe here to follow one request whatever workspace it resolves to.
+pub fn frames_of_request(request_id: &str) -> String {
+    format!("{ROOT}.frames.*.{}", token(request_id))
+}
+
+/// Subscribe here to follow every request of one workspace (or all, with `None`).
+pub fn frames_of_workspace(workspace: Option<&str>) -> String {
+    match workspace {
+        Some(ws) => format!("{ROOT}.frames.{}.>", token(ws)),
+        None => format!("{ROOT}.frames.>"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_ids_never_leave_their_token() {
+        for id in [
+            "a.b",
+            "*",
+            ">",
+            "a b",
+            "$SYS",
+            "_h00",
+            "",
+            "x".repeat(65).as_str(),
+            "é",
+        ] {
+            let t = token(id);
+            assert!(t.starts_with("_h") && t.len() == 34, "{id:?} -> {t}");
+            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        }
+        assert_eq!(token("req-status-001"), "req-status-001");
+        assert_eq!(
+            frames(Some("demo"), "a.>"),
+            format!("millracer.ops.v0_2.frames.demo.{}", token("a.>"))
+        );
+        assert_eq!(frames(None, "r1"), "millracer.ops.v0_2.frames._none.r1");
+    }
+
+    #[test]
+    fn encoding_is_stable_and_distinct() {
+        assert_eq!(token("a.b"), token("a.b"));
+        assert_ne!(token("a.b"), token("a.c"));
+    }
+}

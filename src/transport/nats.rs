@@ -1,0 +1,161 @@
+//! The NATS side: connecting with credentials, and publishing frames and results with
+//! their headers. Subjects come from [`crate::subjects`] only.
+
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, HeaderMap, HeaderValue};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::cli::{DEFAULT_NATS_URL, NatsOptions};
+use crate::contract::SCHEMA_VERSION;
+use crate::progress::Outbound;
+use crate::subjects;
+
+/// Why the bus could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot read NATS credentials {path}: {source}")]
+    Creds {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+}
+
+/// How eagerly to connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Fail fast: the bridge decides what to do without a bus.
+    Once(Duration),
+    /// Keep trying in the background (a worker started before its broker).
+    Retry,
+}
+
+/// The URL to use: flag/env, else the config file's, else the default.
+pub fn url(options: &NatsOptions, config_url: Option<&str>) -> String {
+    options
+        .nats_url
+        .clone()
+        .or_else(|| config_url.map(str::to_string))
+        .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
+}
+
+/// Connects with the configured credentials. Reconnects are automatic and unlimited,
+/// with jitter so a fleet of workers does not hammer a restarted broker in step.
+pub async fn connect(
+    options: &NatsOptions,
+    url: &str,
+    name: &str,
+    patience: Patience,
+) -> Result<Client, ConnectError> {
+    let mut connect = ConnectOptions::new()
+        .name(name)
+        .reconnect_delay_callback(|attempts| {
+            let base = Duration::from_millis((100u64 << attempts.min(6) as u64).min(4_000));
+            base + Duration::from_millis(jitter_ms(base.as_millis() as u64 / 2 + 1))
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::SlowConsumer(sid) => {
+                    tracing::warn!(
+                        sid,
+                        "slow consumer: NATS dropped messages for a subscription"
+                    )
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if let Some(path) = &options.nats_creds {
+        connect = connect
+            .credentials_file(path)
+            .await
+            .map_err(|source| ConnectError::Creds {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if let (Some(user), Some(password)) = (&options.nats_user, &options.nats_password) {
+        connect = connect.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &options.nats_token {
+        connect = connect.token(token.clone());
+    }
+    connect = match patience {
+        Patience::Once(timeout) => connect.connection_timeout(timeout),
+        Patience::Retry => connect.retry_on_initial_connect(),
+    };
+    connect
+        .connect(url)
+        .await
+        .map_err(|e| ConnectError::Connect {
+            url: url.to_string(),
+            message: e.to_string(),
+        })
+}
+
+fn jitter_ms(bound: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos % bound.max(1)
+}
+
+/// A header value, or `None` when the text cannot be one (CR/LF): callers' ids go
+/// into headers, and a bad one must not panic the publisher.
+fn header_value(text: &str) -> Option<HeaderValue> {
+    text.parse::<HeaderValue>().ok()
+}
+
+fn base_headers(request_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(subjects::HEADER_SCHEMA, SCHEMA_VERSION);
+    let value = header_value(request_id).unwrap_or_else(|| {
+        header_value(&subjects::token(request_id)).unwrap_or_else(|| HeaderValue::from("-"))
+    });
+    headers.insert(subjects::HEADER_REQUEST_ID, value);
+    headers
+}
+
+/// Delivers the engine's outbound messages in order until the engine is gone, then
+/// flushes. One task, one connection: a request's frames, then its result, leave in
+/// the order they were emitted.
+pub async fn publish_outbound(client: Client, mut rx: UnboundedReceiver<Outbound>) {
+    while let Some(message) = rx.recv().await {
+        match message {
+            Outbound::Frame { workspace, frame } => {
+                let subject = subjects::frames(workspace.as_deref(), &frame.request_id);
+                let mut headers = base_headers(&frame.request_id);
+                headers.insert(subjects::HEADER_EVENT_TYPE, frame.event_type.as_str());
+                headers.insert(subjects::HEADER_SEQUENCE, frame.sequence.to_string());
+                let body = frame.to_json_line();
+                if let Err(err) = client
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+                {
+                    tracing::warn!(%err, "cannot publish a frame");
+                }
+            }
+            Outbound::Result { to, result, .. } => {
+                let body = bytes::Bytes::from(result.to_json_line());
+                for reply in to {
+                    let headers = base_headers(&result.request_id);
+                    if let Err(err) = client
+                        .publish_with_headers(reply, headers, body.clone())
+                        .await
+                    {
+                        tracing::warn!(%err, request_id = %result.request_id, "cannot publish a result");
+                    }
+                }
+            }
+        }
+    }
+    if let Err(err) = client.flush().await {
+        tracing::warn!(%err, "cannot flush NATS");
+    }
+}
