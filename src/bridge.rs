@@ -58,8 +58,8 @@ pub async fn run(args: OpsArgs) -> i32 {
     };
     let outcome = match args.transport {
         Transport::Local => Ok(local(&args, &raw, &mut out).await),
-        Transport::Nats => via_bus(&args, &raw, &request, &mut out).await,
-        Transport::Auto => match via_bus(&args, &raw, &request, &mut out).await {
+        Transport::Nats => via_bus(&args, &raw, &request, &mut out, true).await,
+        Transport::Auto => match via_bus(&args, &raw, &request, &mut out, false).await {
             Err(BusError::Unavailable(why)) => {
                 eprintln!("millracer: note: {why}; running in-process");
                 Ok(local(&args, &raw, &mut out).await)
@@ -179,6 +179,7 @@ async fn via_bus(
     raw: &[u8],
     request: &OpsRequest,
     out: &mut Output,
+    ask_any_worker: bool,
 ) -> Result<Option<OpsResult>, BusError> {
     let url = nats::url(&args.nats, None);
     let client = nats::connect(
@@ -201,7 +202,13 @@ async fn via_bus(
     };
     let timeout = args.timeout.map(secs);
     let mut reply = None;
-    for subject in candidate_subjects(request, &args.workspace) {
+    let mut candidates = candidate_subjects(request, &args.workspace);
+    // With the bus required, a workspace no worker serves still gets an answer from any
+    // worker there is: a clear `workspace_not_served` result rather than silence.
+    if ask_any_worker && !candidates.contains(&subjects::request_any()) {
+        candidates.push(subjects::request_any());
+    }
+    for subject in candidates {
         let sending = client.send_request(
             subject.clone(),
             async_nats::Request::new()

@@ -1,6 +1,8 @@
 //! Logs on stderr: readable by default, JSON lines with `--log-format json`, levels by
 //! `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -15,10 +17,12 @@ pub enum LogFormat {
 /// worker says what it does (`info`); the bridge stays quiet (`warn`) so its stderr only
 /// carries what the reference prints there.
 pub fn init(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // async-nats logs every (re)connect at info; its warnings are what an operator needs.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},async_nats=warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),

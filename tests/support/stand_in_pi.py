@@ -188,7 +188,8 @@ def _previous_calls(log_path: str | None, stage: str) -> int:
         with open(log_path, encoding="utf-8") as handle:
             for line in handle:
                 try:
-                    if json.loads(line).get("stage") == stage:
+                    entry = json.loads(line)
+                    if entry.get("stage") == stage and entry.get("event", "started") == "started":
                         count += 1
                 except Exception:
                     continue
@@ -689,6 +690,7 @@ class Session:
             delay = 0.0
 
         record = {
+            "event": "started",
             "stage": stage,
             "marker": marker,
             "text": text,
@@ -712,13 +714,16 @@ class Session:
         while time.monotonic() < deadline:
             if _parent_gone():
                 _debug(f"runtime (ppid {_ORIGINAL_PPID}) went away during {stage}; exiting")
+                _append_log(log_path, {**record, "event": "abandoned", "time": _now_iso(), "unix_time": round(time.time(), 3)})
                 _exit_quietly(0)
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         if _parent_gone():
+            _append_log(log_path, {**record, "event": "abandoned", "time": _now_iso(), "unix_time": round(time.time(), 3)})
             _exit_quietly(0)
 
         if settings.get("crash"):
             _debug(f"scripted crash in stage {stage}")
+            _append_log(log_path, {**record, "event": "crashed", "time": _now_iso(), "unix_time": round(time.time(), 3)})
             _exit_quietly(1)
 
         duty = _DUTIES.get(stage)
