@@ -11,6 +11,7 @@ pub mod config;
 pub mod contract;
 pub mod dispatch;
 pub mod engine;
+pub mod intake;
 pub mod ledger;
 pub mod logging;
 pub mod progress;

@@ -13,6 +13,8 @@
 #   idea-blocked    planner answers BLOCKED
 #   probe-blocked   recon answers RECON_BLOCKED
 #   crash-restart   daemon SIGKILLed mid-builder, clear-stale-state, restart, task completes
+#   stop-restart    `control stop` mid-builder (graceful), restart (strands the task),
+#                   clear-stale-state, restart, task completes
 #
 # --stages JSON replaces the scenario's "stages" map for the (first) daemon run,
 # e.g. --stages '{"checker": {"marker": "blocked"}}' (then the blocked scenarios'
@@ -45,7 +47,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$SCENARIO" in
-  task|idea|probe|task-blocked|idea-blocked|probe-blocked|crash-restart) ;;
+  task|idea|probe|task-blocked|idea-blocked|probe-blocked|crash-restart|stop-restart) ;;
   *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac
 command -v "$MILLRACE_BIN" >/dev/null 2>&1 || { echo "millrace binary not found: $MILLRACE_BIN" >&2; exit 2; }
@@ -107,8 +109,8 @@ case "$SCENARIO" in
     write_script "{\"log\": \"$CALLS\", \"stages\": {\"planner\": {\"marker\": \"blocked\"}}}" ;;
   probe-blocked)
     write_script "{\"log\": \"$CALLS\", \"stages\": {\"recon\": {\"marker\": \"blocked\"}}}" ;;
-  crash-restart)
-    write_script "{\"log\": \"$CALLS\", \"stages\": {\"builder\": {\"delay_seconds\": 30}}}" ;;
+  crash-restart|stop-restart)
+    write_script "{\"log\": \"$CALLS\", \"stages\": {\"builder\": {\"delay_seconds\": $([ "$SCENARIO" = stop-restart ] && echo 6 || echo 30)}}}" ;;
 esac
 override_stages
 
@@ -116,7 +118,7 @@ override_stages
 STAMP="$(date -u +%Y%m%d%H%M%S)"
 CREATED="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
 case "$SCENARIO" in
-  task|task-blocked|crash-restart) KIND=task ;;
+  task|task-blocked|crash-restart|stop-restart) KIND=task ;;
   idea|idea-blocked) KIND=idea ;;
   probe|probe-blocked) KIND=probe ;;
 esac
@@ -232,7 +234,8 @@ start_daemon() {
 stop_daemon() {
   local t0; t0=$(now)
   mr control stop --workspace "$W" >"$DIR/stop.out"
-  for _ in $(seq 1 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
+  # the daemon finishes a running stage before it exits: allow up to TIMEOUT
+  for _ in $(seq 1 $((TIMEOUT * 20))); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
   if kill -0 "$DAEMON_PID" 2>/dev/null; then log "daemon did not exit after stop"; return 1; fi
   wait "$DAEMON_PID" 2>/dev/null || true
   log "daemon exited $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}') s after control stop"
@@ -262,7 +265,7 @@ if cond.startswith("stage_started:"):
     sys.exit(0 if ev("stage_started", stage=cond.split(":", 1)[1]) else 1)
 # terminal: the runtime's own completion / block record for this scenario
 ag = pathlib.Path(agents)
-if scenario in ("task", "crash-restart"):
+if scenario in ("task", "crash-restart", "stop-restart"):
     ok = bool(ev("router_decision", work_item_id=item_id, terminal_result="UPDATE_COMPLETE", action="idle"))
 elif scenario == "idea":
     ok = bool(ev("router_decision", stage="arbiter", terminal_result="ARBITER_COMPLETE", action="idle"))
@@ -295,6 +298,33 @@ if [ "$SCENARIO" = crash-restart ]; then
   write_script "{\"log\": \"$CALLS\", \"stages\": {}}"
   T_START=$(now)
   start_daemon "$DIR/daemon-restart.out"
+fi
+if [ "$SCENARIO" = stop-restart ]; then
+  wait_for stage_started:builder
+  sleep 1
+  t0=$(now)
+  log "control stop mid-builder"
+  stop_daemon   # returns once the daemon has exited: it finishes the running stage first
+  log "stop took $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}') s (stage delay 6 s)"
+  mr status --workspace "$W" --format json >"$DIR/status-after-stop.json" || true
+  # scenario change: builder no longer waits
+  write_script "{\"log\": \"$CALLS\", \"stages\": {}}"
+  start_daemon "$DIR/daemon-restart1.out"
+  for _ in $(seq 1 80); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$DAEMON_PID" 2>/dev/null; then
+    log "restarted daemon still running after 8 s"
+    stop_daemon
+  else
+    wait "$DAEMON_PID" 2>/dev/null || true
+    log "restarted daemon exited by itself within 8 s"
+    DAEMON_PID=""
+  fi
+  mr status --workspace "$W" --format json >"$DIR/status-after-restart1.json" || true
+  log "task files: $(cd "$AG/tasks" && find . -type f | tr '\n' ' ')"
+  mr control clear-stale-state --workspace "$W" >"$DIR/clear-stale-state.out" 2>&1 || true
+  log "clear-stale-state: $(tr '\n' ' ' <"$DIR/clear-stale-state.out")"
+  T_START=$(now)
+  start_daemon "$DIR/daemon-restart2.out"
 fi
 RC=0
 wait_for terminal || RC=1
@@ -350,7 +380,7 @@ PYEOF
 # ---------------------------------------------------------------- verdict
 check() { if eval "$1"; then log "ok: $2"; else log "FAILED: $2"; RC=1; fi; }
 case "$SCENARIO" in
-  task|crash-restart) check "[ -f '$AG/tasks/done/$ITEM_ID.md' ]" "task in tasks/done" ;;
+  task|crash-restart|stop-restart) check "[ -f '$AG/tasks/done/$ITEM_ID.md' ]" "task in tasks/done" ;;
   task-blocked) check "[ -f '$AG/tasks/blocked/$ITEM_ID.md' ]" "task in tasks/blocked" ;;
   idea) check "grep -q '\"closure_open\": false' '$AG'/arbiter/targets/*.json" "arbiter target closed" ;;
   idea-blocked) check "ls '$AG'/specs/blocked/*.md >/dev/null 2>&1" "spec in specs/blocked" ;;
