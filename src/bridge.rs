@@ -145,6 +145,7 @@ fn local_service(args: &OpsArgs) -> Service {
         millrace: args.common.millrace(),
         sessions: SessionStore::new(SessionStore::default_path()),
         settings: args.common.settings(),
+        status_cache: None,
     }
 }
 

@@ -128,6 +128,10 @@ pub struct WorkerArgs {
     /// How many finished results are kept for repeated request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
+    /// A status snapshot is reused while the workspace's runtime files are unchanged and
+    /// it is younger than this (a dying daemon changes no file).
+    #[arg(long, default_value_t = 2.0)]
+    pub status_max_age_seconds: f64,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]

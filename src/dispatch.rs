@@ -93,6 +93,8 @@ pub struct Service {
     pub millrace: Millrace,
     pub sessions: SessionStore,
     pub settings: Settings,
+    /// Status snapshots shared by requests (a worker); `None` asks the runtime each time.
+    pub status_cache: Option<crate::status_cache::StatusCache>,
 }
 
 /// What the engine needs to know before running a request: decided synchronously, on

@@ -80,7 +80,11 @@ static TEST_PATH: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// A forced kind wins; then a decision's kind; then the deterministic fallback.
-pub fn choose(task: &str, forced: Option<IntakeKind>, decided: Option<(IntakeKind, Vec<String>)>) -> IntakeDecision {
+pub fn choose(
+    task: &str,
+    forced: Option<IntakeKind>,
+    decided: Option<(IntakeKind, Vec<String>)>,
+) -> IntakeDecision {
     if let Some(kind) = forced {
         return IntakeDecision {
             kind,
@@ -234,7 +238,10 @@ fn scoped_block(item: Option<&ScopedWorkItem>) -> String {
     let Some(item) = item else {
         return "Scoped-Work:\n- Item-ID: none\n".to_string();
     };
-    let mut lines = vec!["Scoped-Work:".to_string(), format!("- Item-ID: {}", item.item_id)];
+    let mut lines = vec![
+        "Scoped-Work:".to_string(),
+        format!("- Item-ID: {}", item.item_id),
+    ];
     let optional = [
         ("Title", &item.title),
         ("Source-Queue", &item.source_queue),
@@ -246,12 +253,22 @@ fn scoped_block(item: Option<&ScopedWorkItem>) -> String {
             lines.push(format!("- {label}: {value}"));
         }
     }
-    lines.extend(item.constraints.iter().map(|c| format!("- Constraint: {c}")));
+    lines.extend(
+        item.constraints
+            .iter()
+            .map(|c| format!("- Constraint: {c}")),
+    );
     lines.join("\n") + "\n"
 }
 
 /// The intake document for `kind`, byte for byte the reference's template.
-pub fn render(kind: IntakeKind, id: &str, task: &str, created_at: &str, item: Option<&ScopedWorkItem>) -> String {
+pub fn render(
+    kind: IntakeKind,
+    id: &str,
+    task: &str,
+    created_at: &str,
+    item: Option<&ScopedWorkItem>,
+) -> String {
     let title = title(task);
     let summary = task.trim();
     let scoped = scoped_block(item);
@@ -277,15 +294,28 @@ pub struct IntakeDocument {
 }
 
 /// Writes a new intake document; never overwrites one (a same-second twin gets `-2`, …).
-pub fn write(workspace: &Path, kind: IntakeKind, task: &str, item: Option<&ScopedWorkItem>, now: DateTime<Utc>) -> std::io::Result<IntakeDocument> {
+pub fn write(
+    workspace: &Path,
+    kind: IntakeKind,
+    task: &str,
+    item: Option<&ScopedWorkItem>,
+    now: DateTime<Utc>,
+) -> std::io::Result<IntakeDocument> {
     let dir = workspace.join(".millracer").join("intake");
     std::fs::create_dir_all(&dir)?;
     let base = document_id(kind, task, now);
     let created_at = format_utc(now);
     for n in 1u32.. {
-        let id = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+        let id = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
         let path = dir.join(format!("{id}.md"));
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path);
         match file {
             Ok(mut file) => {
                 use std::io::Write;
@@ -312,9 +342,14 @@ pub fn find_scoped(workspace: &Path, item: &ScopedWorkItem) -> Option<IntakeDocu
         .collect();
     docs.sort_by(|a, b| b.0.cmp(&a.0));
     let item_line = format!("- Item-ID: {}", item.item_id);
-    let ref_line = item.completion_ref.as_ref().map(|r| format!("- Completion-Ref: {r}"));
+    let ref_line = item
+        .completion_ref
+        .as_ref()
+        .map(|r| format!("- Completion-Ref: {r}"));
     for (_, path) in docs {
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
         let matches = text.lines().any(|line| {
             let line = line.trim_end();
             line == item_line || ref_line.as_deref() == Some(line)
@@ -353,22 +388,41 @@ mod tests {
 
     #[test]
     fn fallback_heuristics() {
-        assert_eq!(decide("Fix src/app.py so tests/test_app.py passes").0, IntakeKind::Task);
+        assert_eq!(
+            decide("Fix src/app.py so tests/test_app.py passes").0,
+            IntakeKind::Task
+        );
         assert_eq!(decide("Refactor the storage layer").0, IntakeKind::Probe);
-        assert_eq!(decide("Build a new dashboard for operators").0, IntakeKind::Idea);
+        assert_eq!(
+            decide("Build a new dashboard for operators").0,
+            IntakeKind::Idea
+        );
         assert_eq!(decide("Fix the typo in README.md").0, IntakeKind::Task);
         let (kind, confidence, signals) = decide("do something");
         assert_eq!((kind, confidence), (IntakeKind::Probe, "low"));
         assert_eq!(signals, vec!["uncertain delegated repo work"]);
-        assert_eq!(choose("x", Some(IntakeKind::Idea), None).signals, vec!["forced --intake idea"]);
+        assert_eq!(
+            choose("x", Some(IntakeKind::Idea), None).signals,
+            vec!["forced --intake idea"]
+        );
     }
 
     #[test]
     fn ids_and_titles() {
-        let now = Utc.with_ymd_and_hms(2026, 5, 12, 1, 2, 3).single().expect("time");
-        assert_eq!(document_id(IntakeKind::Task, "Über-long Task!!", now), "task-20260512010203-ber-long-task");
+        let now = Utc
+            .with_ymd_and_hms(2026, 5, 12, 1, 2, 3)
+            .single()
+            .expect("time");
         assert_eq!(
-            document_id(IntakeKind::Probe, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbb", now),
+            document_id(IntakeKind::Task, "Über-long Task!!", now),
+            "task-20260512010203-ber-long-task"
+        );
+        assert_eq!(
+            document_id(
+                IntakeKind::Probe,
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa bbb",
+                now
+            ),
             "probe-20260512010203-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
         );
         assert_eq!(title("  \n first line \nsecond"), "first line");
@@ -390,7 +444,10 @@ mod tests {
         let a = write(dir.path(), IntakeKind::Task, "same", Some(&item12), now).expect("a");
         let b = write(dir.path(), IntakeKind::Task, "same", None, now).expect("b");
         assert_ne!(a.path, b.path);
-        let item1 = ScopedWorkItem { item_id: "ITEM-1".into(), ..item12.clone() };
+        let item1 = ScopedWorkItem {
+            item_id: "ITEM-1".into(),
+            ..item12.clone()
+        };
         assert!(find_scoped(dir.path(), &item1).is_none());
         let found = find_scoped(dir.path(), &item12).expect("found");
         assert_eq!(found.id, a.id);

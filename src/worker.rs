@@ -40,6 +40,9 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         millrace: args.common.millrace(),
         sessions: SessionStore::new(SessionStore::default_path()),
         settings: args.common.settings(),
+        status_cache: Some(crate::status_cache::StatusCache::new(crate::cli::secs(
+            args.status_max_age_seconds,
+        ))),
     };
     let options = EngineOptions {
         max_request_bytes: args.max_request_bytes,

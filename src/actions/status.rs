@@ -12,7 +12,11 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         ));
     };
     let cwd = command_cwd(cx.service.settings.cwd.as_deref(), root);
-    match cx.service.millrace.status(root, &cwd).await {
+    let status = match &cx.service.status_cache {
+        Some(cache) => cache.status(&cx.service.millrace, root, &cwd).await,
+        None => cx.service.millrace.status(root, &cwd).await,
+    };
+    match status {
         Ok(status) => {
             let mut out = OpsResult::new(
                 &cx.request.request_id,

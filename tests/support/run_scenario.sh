@@ -1,34 +1,37 @@
 #!/usr/bin/env bash
 # Run one Millrace scenario end to end against a real `millrace` binary, with
-# tests/support/stand_in_pi.py standing in for the `pi` runner (the language
-# model is the only thing replaced).
+# tests/support/stand_in_pi.py standing in for the `pi` runner (only the
+# language model is replaced; the runtime, its stages and records are real).
 #
-# usage: run_scenario.sh SCENARIO [--millrace BIN] [--dir DIR] [--timeout SECONDS] [--keep]
+# usage: run_scenario.sh SCENARIO [--millrace BIN] [--dir DIR] [--timeout SECONDS]
+#                                 [--stages JSON] [--no-keep]
 #
-# SCENARIO is one of:
+# SCENARIO:
 #   task            task completes (builder -> checker -> updater)
 #   idea            idea completes (planner -> manager -> builder -> checker -> updater -> arbiter)
 #   probe           probe completes (recon -> builder -> checker -> updater)
-#   task-blocked    checker answers BLOCKED; troubleshooter/consultant answer BLOCKED
-#   idea-blocked    planner answers BLOCKED
-#   probe-blocked   recon answers RECON_BLOCKED
+#   task-blocked    checker answers BLOCKED (troubleshooter/consultant follow) -> tasks/blocked
+#   idea-blocked    planner answers BLOCKED (mechanic follows)                -> specs/blocked
+#   probe-blocked   recon answers RECON_BLOCKED                                -> probes/blocked
 #   crash-restart   daemon SIGKILLed mid-builder, clear-stale-state, restart, task completes
 #   stop-restart    `control stop` mid-builder (graceful), restart (strands the task),
 #                   clear-stale-state, restart, task completes
 #
-# --stages JSON replaces the scenario's "stages" map for the (first) daemon run,
-# e.g. --stages '{"checker": {"marker": "blocked"}}' (then the blocked scenarios'
-# completion check may time out; the event summary is still printed).
-#
-# BIN defaults to $MILLRACE or `millrace` on PATH (millrace-ai 0.21.1).
-# DIR defaults to a new temp dir; it keeps ws/ (the workspace), scenario.json,
-# calls.jsonl (stand-in log), daemon*.out and summary.txt.
+# --millrace BIN  millrace executable (default: $MILLRACE or `millrace` on PATH; 0.21.1)
+# --dir DIR       where to work (default: a new temp dir). Kept afterwards: ws/ (the
+#                 workspace), scenario.json, calls.jsonl (stand-in log), daemon*.out,
+#                 status-*.json, summary.txt
+# --stages JSON   replace the scenario's "stages" map for the first daemon run, e.g.
+#                 --stages '{"checker": {"marker": ["FIX_NEEDED", "success"]}}'
+#                 (the scenario's own end check may then fail or time out; the
+#                 event summary is printed anyway)
 # Exit status 0 when the scenario ended the way it should.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STAND_IN="$HERE/stand_in_pi.py"
 MILLRACE_BIN="${MILLRACE:-millrace}"
+PY="${PYTHON:-python3}"
 SCENARIO="${1:-}"
 shift || true
 DIR=""
@@ -48,10 +51,10 @@ while [ $# -gt 0 ]; do
 done
 case "$SCENARIO" in
   task|idea|probe|task-blocked|idea-blocked|probe-blocked|crash-restart|stop-restart) ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,28p' "$0" >&2; exit 2 ;;
 esac
 command -v "$MILLRACE_BIN" >/dev/null 2>&1 || { echo "millrace binary not found: $MILLRACE_BIN" >&2; exit 2; }
-PY="${PYTHON:-python3}"
+MILLRACE_BIN="$(command -v "$MILLRACE_BIN")"
 
 [ -n "$DIR" ] || DIR="$(mktemp -d "${TMPDIR:-/tmp}/millrace-scenario-$SCENARIO.XXXXXX")"
 mkdir -p "$DIR"
@@ -61,25 +64,78 @@ AG="$W/millrace-agents"
 EVENTS="$AG/logs/runtime_events.jsonl"
 SCRIPT="$DIR/scenario.json"
 CALLS="$DIR/calls.jsonl"
+TIMES="$DIR/times.env"
 DAEMON_PID=""
+: >"$TIMES"
 
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S.%3N)" "$*" >&2; }
 now() { date +%s.%N; }
 mr() { "$MILLRACE_BIN" "$@"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
 
 cleanup() {
   if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
     mr control stop --workspace "$W" >/dev/null 2>&1 || true
-    for _ in $(seq 1 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$DAEMON_PID" 2>/dev/null && kill "$DAEMON_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$DAEMON_PID" 2>/dev/null; then kill "$DAEMON_PID" 2>/dev/null || true; fi
   fi
   if [ "$KEEP" = 0 ]; then rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 
-# ---------------------------------------------------------------- workspace
+# ------------------------------------------------------------------ helper (python)
+# One place for "has the scenario reached its terminal record?" so that waiting
+# and reporting agree. It reads only the runtime's own event log.
+cat >"$DIR/scenario_lib.py" <<'PYEOF'
+import datetime, json, sys
+
+def load(events_path):
+    out = []
+    try:
+        with open(events_path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return out
+
+def epoch(event):
+    return datetime.datetime.fromisoformat(event["occurred_at"]).timestamp()
+
+def terminal(events, scenario, item_id, since=0.0):
+    """The runtime event that proves the scenario's end, or None."""
+    for e in events:
+        if e["event_type"] != "router_decision" or epoch(e) < since:
+            continue
+        d = e["data"]
+        if scenario in ("task", "crash-restart", "stop-restart"):
+            if d.get("work_item_id") == item_id and d.get("terminal_result") == "UPDATE_COMPLETE" and d.get("action") == "idle":
+                return e
+        elif scenario == "idea":
+            if d.get("stage") == "arbiter" and d.get("terminal_result") == "ARBITER_COMPLETE" and d.get("action") == "idle":
+                return e
+        elif scenario == "probe":
+            if d.get("terminal_result") == "UPDATE_COMPLETE" and d.get("action") == "idle":
+                return e
+        elif d.get("action") == "blocked":
+            return e
+    return None
+
+if __name__ == "__main__":
+    events_path, cond, scenario, item_id, since = sys.argv[1:6]
+    events = load(events_path)
+    if cond.startswith("stage_started:"):
+        stage = cond.split(":", 1)[1]
+        sys.exit(0 if any(e["event_type"] == "stage_started" and e["data"].get("stage") == stage for e in events) else 1)
+    sys.exit(0 if terminal(events, scenario, item_id, float(since)) else 1)
+PYEOF
+
+# ------------------------------------------------------------------ workspace
 mkdir -p "$W"
-log "workspace $W"
+log "workspace $W ($("$MILLRACE_BIN" --version 2>/dev/null | tr '\n' ' '))"
 mr init --workspace "$W" >"$DIR/init.out"
 cat >>"$AG/millrace.toml" <<EOF
 
@@ -90,8 +146,15 @@ EOF
 mr compile validate --workspace "$W" --mode default_pi >"$DIR/compile.out"
 
 write_script() { printf '%s\n' "$1" >"$SCRIPT"; }
-override_stages() {
-  [ -n "$STAGES_OVERRIDE" ] || return 0
+case "$SCENARIO" in
+  task|idea|probe) write_script "{\"log\": \"$CALLS\", \"default_delay_seconds\": 0.0, \"stages\": {}}" ;;
+  task-blocked)    write_script "{\"log\": \"$CALLS\", \"stages\": {\"checker\": {\"marker\": \"blocked\"}}}" ;;
+  idea-blocked)    write_script "{\"log\": \"$CALLS\", \"stages\": {\"planner\": {\"marker\": \"blocked\"}}}" ;;
+  probe-blocked)   write_script "{\"log\": \"$CALLS\", \"stages\": {\"recon\": {\"marker\": \"blocked\"}}}" ;;
+  crash-restart)   write_script "{\"log\": \"$CALLS\", \"stages\": {\"builder\": {\"delay_seconds\": 30}}}" ;;
+  stop-restart)    write_script "{\"log\": \"$CALLS\", \"stages\": {\"builder\": {\"delay_seconds\": 6}}}" ;;
+esac
+if [ -n "$STAGES_OVERRIDE" ]; then
   "$PY" - "$SCRIPT" "$STAGES_OVERRIDE" <<'PYEOF'
 import json, sys
 path, stages = sys.argv[1], json.loads(sys.argv[2])
@@ -99,22 +162,10 @@ data = json.load(open(path))
 data["stages"] = stages
 json.dump(data, open(path, "w"))
 PYEOF
-}
-case "$SCENARIO" in
-  task|idea|probe)
-    write_script "{\"log\": \"$CALLS\", \"default_delay_seconds\": 0.0, \"stages\": {}}" ;;
-  task-blocked)
-    write_script "{\"log\": \"$CALLS\", \"stages\": {\"checker\": {\"marker\": \"blocked\"}}}" ;;
-  idea-blocked)
-    write_script "{\"log\": \"$CALLS\", \"stages\": {\"planner\": {\"marker\": \"blocked\"}}}" ;;
-  probe-blocked)
-    write_script "{\"log\": \"$CALLS\", \"stages\": {\"recon\": {\"marker\": \"blocked\"}}}" ;;
-  crash-restart|stop-restart)
-    write_script "{\"log\": \"$CALLS\", \"stages\": {\"builder\": {\"delay_seconds\": $([ "$SCENARIO" = stop-restart ] && echo 6 || echo 30)}}}" ;;
-esac
-override_stages
+fi
 
-# ---------------------------------------------------------------- intake doc
+# ------------------------------------------------------------------ intake document
+# Same shapes as the reference tool's render_task/probe/idea_document.
 STAMP="$(date -u +%Y%m%d%H%M%S)"
 CREATED="$(date -u +%Y-%m-%dT%H:%M:%S+00:00)"
 case "$SCENARIO" in
@@ -221,171 +272,168 @@ esac
 mr queue "add-$KIND" "$DOC" --workspace "$W" >"$DIR/queue.out"
 log "queued $KIND $ITEM_ID: $(tr '\n' ' ' <"$DIR/queue.out")"
 
-# ---------------------------------------------------------------- helpers
+# ------------------------------------------------------------------ daemon helpers
 start_daemon() {
-  local out="$1"
-  # run the binary itself in the background (not the `mr` shell function, which
-  # would fork a subshell: $! would then be the subshell, not the daemon)
-  "$MILLRACE_BIN" run daemon --workspace "$W" --mode default_pi --monitor none >"$out" 2>&1 &
+  # Start the binary itself in the background: `mr ... &` would fork a subshell
+  # and $! would be that subshell, not the daemon (SIGKILL would miss it).
+  "$MILLRACE_BIN" run daemon --workspace "$W" --mode default_pi --monitor none >"$1" 2>&1 &
   DAEMON_PID=$!
   log "daemon pid $DAEMON_PID"
 }
 
+STOP_SECONDS=""
 stop_daemon() {
   local t0; t0=$(now)
   mr control stop --workspace "$W" >"$DIR/stop.out"
-  # the daemon finishes a running stage before it exits: allow up to TIMEOUT
+  # A running stage is finished before the daemon exits: allow up to TIMEOUT.
   for _ in $(seq 1 $((TIMEOUT * 20))); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.05; done
   if kill -0 "$DAEMON_PID" 2>/dev/null; then log "daemon did not exit after stop"; return 1; fi
   wait "$DAEMON_PID" 2>/dev/null || true
-  log "daemon exited $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}') s after control stop"
+  STOP_SECONDS="$(elapsed "$t0" "$(now)")"
+  log "daemon exited $STOP_SECONDS s after control stop"
   DAEMON_PID=""
 }
 
-# wait_for CONDITION: polls the runtime's own event log (cheap, no CLI call).
-# Conditions: stage_started:<stage> | terminal (see terminal_check below)
-wait_for() {
-  local cond="$1" deadline=$(( $(date +%s) + TIMEOUT ))
+wait_for() {  # wait_for stage_started:<stage> | terminal
+  local deadline=$(( $(date +%s) + TIMEOUT ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
-    if "$PY" - "$EVENTS" "$cond" "$SCENARIO" "$ITEM_ID" "$AG" <<'PYEOF'
-import json, sys, pathlib
-events_path, cond, scenario, item_id, agents = sys.argv[1:6]
-events = []
-try:
-    for line in open(events_path, encoding="utf-8"):
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
-except OSError:
-    sys.exit(1)
-def ev(kind, **kw):
-    return [e for e in events if e["event_type"] == kind and all(e["data"].get(k) == v for k, v in kw.items())]
-if cond.startswith("stage_started:"):
-    sys.exit(0 if ev("stage_started", stage=cond.split(":", 1)[1]) else 1)
-# terminal: the runtime's own completion / block record for this scenario
-ag = pathlib.Path(agents)
-if scenario in ("task", "crash-restart", "stop-restart"):
-    ok = bool(ev("router_decision", work_item_id=item_id, terminal_result="UPDATE_COMPLETE", action="idle"))
-elif scenario == "idea":
-    ok = bool(ev("router_decision", stage="arbiter", terminal_result="ARBITER_COMPLETE", action="idle"))
-elif scenario == "probe":
-    ok = any(e["data"].get("terminal_result") == "UPDATE_COMPLETE" for e in ev("router_decision", action="idle"))
-else:  # blocked scenarios: a router_decision with action=blocked for a root-level item
-    ok = bool(ev("router_decision", action="blocked"))
-sys.exit(0 if ok else 1)
-PYEOF
-    then return 0; fi
+    if "$PY" "$DIR/scenario_lib.py" "$EVENTS" "$1" "$SCENARIO" "$ITEM_ID" "${T_START:-0}"; then return 0; fi
     sleep 0.1
   done
-  log "timed out waiting for $cond"
+  log "timed out after ${TIMEOUT}s waiting for $1"
   return 1
 }
 
-# ---------------------------------------------------------------- run
+status_to() { mr status --workspace "$W" --format json >"$DIR/$1" 2>/dev/null || true; }
+
+# ------------------------------------------------------------------ run
 T_START=$(now)
 start_daemon "$DIR/daemon.out"
-if [ "$SCENARIO" = crash-restart ]; then
-  wait_for stage_started:builder
-  sleep 1
-  log "SIGKILL daemon $DAEMON_PID mid-builder"
-  kill -9 "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
-  sleep 0.5
-  mr status --workspace "$W" --format json >"$DIR/status-after-kill.json" || true
-  mr control clear-stale-state --workspace "$W" >"$DIR/clear-stale-state.out" 2>&1 || true
-  mr status --workspace "$W" --format json >"$DIR/status-after-clear.json" || true
-  # scenario change mid-run: the next builder call answers at once
-  write_script "{\"log\": \"$CALLS\", \"stages\": {}}"
-  T_START=$(now)
-  start_daemon "$DIR/daemon-restart.out"
-fi
-if [ "$SCENARIO" = stop-restart ]; then
-  wait_for stage_started:builder
-  sleep 1
-  t0=$(now)
-  log "control stop mid-builder"
-  stop_daemon   # returns once the daemon has exited: it finishes the running stage first
-  log "stop took $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}') s (stage delay 6 s)"
-  mr status --workspace "$W" --format json >"$DIR/status-after-stop.json" || true
-  # scenario change: builder no longer waits
-  write_script "{\"log\": \"$CALLS\", \"stages\": {}}"
-  start_daemon "$DIR/daemon-restart1.out"
-  for _ in $(seq 1 80); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$DAEMON_PID" 2>/dev/null; then
-    log "restarted daemon still running after 8 s"
+case "$SCENARIO" in
+  crash-restart)
+    wait_for stage_started:builder
+    sleep 1
+    log "SIGKILL daemon $DAEMON_PID mid-builder"
+    kill -9 "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
+    sleep 0.5
+    status_to status-after-kill.json
+    mr control clear-stale-state --workspace "$W" >"$DIR/clear-stale-state.out" 2>&1 || true
+    log "clear-stale-state: $(tr '\n' ' ' <"$DIR/clear-stale-state.out")"
+    status_to status-after-clear.json
+    write_script "{\"log\": \"$CALLS\", \"stages\": {}}"   # mid-run change: builder answers at once
+    T_START=$(now)
+    start_daemon "$DIR/daemon-restart.out"
+    ;;
+  stop-restart)
+    wait_for stage_started:builder
+    sleep 1
+    log "control stop mid-builder (stage delay 6 s)"
     stop_daemon
-  else
-    wait "$DAEMON_PID" 2>/dev/null || true
-    log "restarted daemon exited by itself within 8 s"
-    DAEMON_PID=""
-  fi
-  mr status --workspace "$W" --format json >"$DIR/status-after-restart1.json" || true
-  log "task files: $(cd "$AG/tasks" && find . -type f | tr '\n' ' ')"
-  mr control clear-stale-state --workspace "$W" >"$DIR/clear-stale-state.out" 2>&1 || true
-  log "clear-stale-state: $(tr '\n' ' ' <"$DIR/clear-stale-state.out")"
-  T_START=$(now)
-  start_daemon "$DIR/daemon-restart2.out"
-fi
+    echo "STOP_MID_STAGE_SECONDS=$STOP_SECONDS" >>"$TIMES"
+    status_to status-after-stop.json
+    write_script "{\"log\": \"$CALLS\", \"stages\": {}}"
+    start_daemon "$DIR/daemon-restart1.out"
+    for _ in $(seq 1 80); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$DAEMON_PID" 2>/dev/null; then
+      log "restarted daemon still running after 8 s"; stop_daemon
+    else
+      wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=""
+      log "restarted daemon exited by itself within 8 s"
+    fi
+    status_to status-after-restart1.json
+    log "task files: $(cd "$AG/tasks" && find . -type f | tr '\n' ' ')"
+    mr control clear-stale-state --workspace "$W" >"$DIR/clear-stale-state.out" 2>&1 || true
+    log "clear-stale-state: $(tr '\n' ' ' <"$DIR/clear-stale-state.out")"
+    status_to status-after-clear.json
+    T_START=$(now)
+    start_daemon "$DIR/daemon-restart2.out"
+    ;;
+esac
 RC=0
 wait_for terminal || RC=1
-T_TERMINAL=$(now)
-sleep 1.5   # let the daemon write its idle tick before we read status
-mr status --workspace "$W" --format json >"$DIR/status-final.json" || true
+T_SEEN=$(now)
+sleep 1.5   # let the daemon settle (idle tick) before reading status
+status_to status-final.json
 stop_daemon || RC=1
+{
+  echo "T_START=$T_START"
+  echo "T_SEEN=$T_SEEN"
+  echo "STOP_IDLE_SECONDS=$STOP_SECONDS"
+} >>"$TIMES"
 
-# ---------------------------------------------------------------- report
-"$PY" - "$EVENTS" "$AG" "$DIR" "$T_START" "$T_TERMINAL" "$SCENARIO" "$ITEM_ID" <<'PYEOF' | tee "$DIR/summary.txt"
-import json, sys, pathlib, datetime
-events_path, agents, d, t_start, t_term, scenario, item_id = sys.argv[1:8]
-ag = pathlib.Path(agents)
-print(f"scenario: {scenario}  intake id: {item_id}")
-print(f"daemon start -> terminal seen: {float(t_term) - float(t_start):.2f} s")
-keys = ("stage", "work_item_kind", "work_item_id", "terminal_result", "action", "failure_class", "reason", "run_id")
-first = None
-for line in open(events_path, encoding="utf-8"):
-    e = json.loads(line)
-    t = datetime.datetime.fromisoformat(e["occurred_at"])
-    first = first or t
+# ------------------------------------------------------------------ report
+"$PY" - "$DIR" "$EVENTS" "$AG" "$SCENARIO" "$ITEM_ID" <<'PYEOF' | tee "$DIR/summary.txt"
+import json, pathlib, sys
+d, events_path, agents, scenario, item_id = sys.argv[1:6]
+sys.path.insert(0, d)
+import scenario_lib as lib
+times = dict(line.split("=", 1) for line in pathlib.Path(d, "times.env").read_text().split() if "=" in line)
+t_start, t_seen = float(times["T_START"]), float(times["T_SEEN"])
+events = lib.load(events_path)
+term = lib.terminal(events, scenario, item_id, t_start - 1)
+starts = [e for e in events if e["event_type"] == "runtime_started" and lib.epoch(e) >= t_start - 1]
+print(f"scenario: {scenario}   intake id: {item_id}")
+if term is not None:
+    t_term = lib.epoch(term)
+    line = f"timing: spawn->terminal event {t_term - t_start:.2f}s"
+    if starts:
+        line += f" (spawn->runtime_started {lib.epoch(starts[0]) - t_start:.2f}s, runtime_started->terminal {t_term - lib.epoch(starts[0]):.2f}s)"
+    line += f"; terminal event seen by poller +{t_seen - t_term:.2f}s"
+    print(line)
+else:
+    print("timing: no terminal event")
+for key in ("STOP_MID_STAGE_SECONDS", "STOP_IDLE_SECONDS"):
+    if times.get(key):
+        print(f"{key.lower()}: {times[key]}")
+keys = ("stage", "work_item_kind", "work_item_id", "terminal_result", "action", "failure_class", "reason", "run_id", "spec_id")
+first = lib.epoch(events[0]) if events else 0
+print("runtime_events.jsonl:")
+for e in events:
+    if e["event_type"] == "capability_gate_evaluated":
+        continue
     data = {k: e["data"][k] for k in keys if e["data"].get(k) is not None}
     if "run_id" in data:
         data["run_id"] = data["run_id"][:12]
-    print(f"  +{(t - first).total_seconds():6.2f}s {e['event_type']:<34} {json.dumps(data)}")
+    print(f"  +{lib.epoch(e) - first:6.2f}s {e['event_type']:<34} {json.dumps(data)}")
+ag = pathlib.Path(agents)
 print("work items on disk:")
-for family in ("tasks", "specs", "probes", "incidents"):
+for family in ("tasks", "specs", "probes", "incidents", "arbiter/targets", "arbiter/verdicts"):
     base = ag / family
-    if not base.is_dir():
-        continue
-    for p in sorted(base.rglob("*")):
-        if p.is_file():
-            print(f"  {p.relative_to(ag)}")
-for p in sorted((ag / "arbiter").rglob("*")) if (ag / "arbiter").is_dir() else []:
-    if p.is_file():
-        print(f"  {p.relative_to(ag)}")
-status_path = pathlib.Path(d) / "status-final.json"
-try:
-    s = json.loads(status_path.read_text())
-    pick = ("process_running", "runtime_ownership_lock", "active_run_count", "active_stage", "active_work_item_id",
-            "execution_queue_depth", "planning_queue_depth", "execution_status_marker", "planning_status_marker",
-            "current_failure_class", "blocked_idle", "closure_target_root_spec_id", "closure_target_open")
-    print("status (before stop):", json.dumps({k: s.get(k) for k in pick}))
-except Exception as exc:
-    print("status unavailable:", exc)
-calls = pathlib.Path(d) / "calls.jsonl"
+    if base.is_dir():
+        for p in sorted(base.rglob("*")):
+            if p.is_file():
+                print(f"  {p.relative_to(ag)}")
+pick = ("process_running", "runtime_ownership_lock", "stop_requested", "active_run_count", "active_stage",
+        "active_work_item_id", "execution_queue_depth", "planning_queue_depth", "execution_status_marker",
+        "planning_status_marker", "current_failure_class", "blocked_idle", "closure_target_root_spec_id",
+        "closure_target_open")
+for name in ("status-after-kill.json", "status-after-stop.json", "status-after-restart1.json",
+             "status-after-clear.json", "status-final.json"):
+    path = pathlib.Path(d, name)
+    if path.exists():
+        try:
+            s = json.loads(path.read_text())
+            print(f"{name}: {json.dumps({k: s.get(k) for k in pick})}")
+        except ValueError:
+            print(f"{name}: unreadable")
+calls = pathlib.Path(d, "calls.jsonl")
 if calls.exists():
-    lines = calls.read_text().splitlines()
-    shown = ", ".join(f"{json.loads(l)['stage']}={json.loads(l)['marker']}" for l in lines[:30])
-    print(f"stand-in calls ({len(lines)}):", shown + (" ..." if len(lines) > 30 else ""))
+    rows = [json.loads(l) for l in calls.read_text().splitlines() if l.strip()]
+    shown = ", ".join(
+        f"{r['stage']}={r['marker'] or '<empty>'}" + ("" if r.get("event", "started") == "started" else f"[{r['event']}]")
+        for r in rows[:30])
+    print(f"stand-in calls ({len(rows)}): {shown}{' ...' if len(rows) > 30 else ''}")
 PYEOF
 
-# ---------------------------------------------------------------- verdict
+# ------------------------------------------------------------------ verdict
 check() { if eval "$1"; then log "ok: $2"; else log "FAILED: $2"; RC=1; fi; }
 case "$SCENARIO" in
   task|crash-restart|stop-restart) check "[ -f '$AG/tasks/done/$ITEM_ID.md' ]" "task in tasks/done" ;;
-  task-blocked) check "[ -f '$AG/tasks/blocked/$ITEM_ID.md' ]" "task in tasks/blocked" ;;
-  idea) check "grep -q '\"closure_open\": false' '$AG'/arbiter/targets/*.json" "arbiter target closed" ;;
-  idea-blocked) check "ls '$AG'/specs/blocked/*.md >/dev/null 2>&1" "spec in specs/blocked" ;;
-  probe) check "[ -f '$AG/probes/done/$ITEM_ID.md' ] && ls '$AG'/tasks/done/*.md >/dev/null 2>&1" "probe done and its task done" ;;
+  task-blocked)  check "[ -f '$AG/tasks/blocked/$ITEM_ID.md' ]" "task in tasks/blocked" ;;
+  idea)          check "grep -q '\"closure_open\": false' '$AG'/arbiter/targets/*.json" "arbiter target closed" ;;
+  idea-blocked)  check "ls '$AG'/specs/blocked/*.md >/dev/null 2>&1" "spec in specs/blocked" ;;
+  probe)         check "[ -f '$AG/probes/done/$ITEM_ID.md' ] && ls '$AG'/tasks/done/*.md >/dev/null 2>&1" "probe done and its task done" ;;
   probe-blocked) check "[ -f '$AG/probes/blocked/$ITEM_ID.md' ]" "probe in probes/blocked" ;;
 esac
-log "scenario $SCENARIO: $([ $RC = 0 ] && echo PASS || echo FAIL) (artifacts in $DIR)"
-exit $RC
+log "scenario $SCENARIO: $([ "$RC" = 0 ] && echo PASS || echo FAIL) (artifacts in $DIR)"
+exit "$RC"

@@ -2,35 +2,48 @@
 """Stand-in for `pi --mode rpc` used by millracer tests.
 
 The real Millrace runtime (millrace-ai 0.21.1, mode `default_pi`) runs every
-stage as `<pi command> [args] --mode rpc --no-session [--model M] [--thinking T]
---no-context-files --no-skills` with cwd = the workspace root, and talks pi's
-RPC JSON-lines protocol on stdin/stdout. This script replaces only the language
-model: it answers that protocol, detects the stage from the prompt, performs
-the stage's file duties (planner disposition, manager task card, arbiter
-verdict, recon packet...) and replies with one legal terminal marker.
+stage as `<[runners.pi] command> [args] --mode rpc --no-session --model M
+--thinking T --no-context-files --no-skills`, cwd = the workspace root, env =
+the daemon's env plus `[runners.pi] env`, and talks pi's RPC JSON-lines protocol
+on stdin/stdout (ids `prompt-1`, `last-assistant-1`, `session-stats-1`). This
+script replaces only the language model: it answers that protocol, detects the
+stage from the prompt (`Stage: <name>` line), performs the stage's file duties
+(planner disposition, manager task card, arbiter verdict/rubric/report, recon
+packet + generated task/spec) and replies with one legal terminal marker.
 
 Scenario control: env STAND_IN_PI_SCRIPT names a JSON file, re-read on every
-prompt:
+prompt (a test may rewrite it mid-run):
 
     {
-      "default_marker": "success",          # optional, default "success"
-      "default_delay_seconds": 0.0,          # optional
-      "log": "/abs/path/calls.jsonl",        # optional, one line per prompt
+      "default_marker": "success",         # optional, default "success"
+      "default_delay_seconds": 0.0,         # optional
+      "recovery_follows_faults": true,      # optional, default true (see below)
+      "log": "/abs/path/calls.jsonl",       # optional, one line per call
       "stages": {
         "checker": {"marker": "blocked", "delay_seconds": 3},
-        "builder": {"marker": ["### BLOCKED", "success"]},   # n-th call -> n-th item
-        "updater": {"reply": "not a marker"},                 # raw assistant text
-        "fixer":   {"crash": true}                            # exit 1 mid-protocol
+        "builder": {"marker": ["### BLOCKED", "success"]},  # n-th call -> n-th item
+        "updater": {"reply": "not a marker"},                # raw assistant text
+        "fixer":   {"crash": true}                           # exit 1 mid-protocol
       }
     }
 
 `marker`: "success" (first legal marker), "blocked" (the stage's own
-`..._BLOCKED` marker when legal, e.g. `### RECON_BLOCKED`, else `### BLOCKED`),
-or an exact marker (`### CHECKER_PASS` or `CHECKER_PASS`). A list picks the
-item by call number for that stage (the last item repeats); counting needs
-"log". No env var: every stage succeeds at once.
+`<STAGE>_BLOCKED` marker when legal, i.e. `### RECON_BLOCKED` for recon, else
+`### BLOCKED`), or an exact marker (`### CHECKER_PASS` or `CHECKER_PASS`). A
+list picks the item by call number for that stage (last item repeats; counting
+uses "log"). `delay_seconds` sleeps after the prompt is acknowledged and before
+the duties/answer; if the runtime dies meanwhile the stand-in exits without
+doing anything. When any other stage is faulted (blocked marker, reply, crash)
+the unconfigured recovery stages troubleshooter, consultant and mechanic answer
+blocked too, so the run ends blocked instead of looping forever.
 
-Python 3.11 standard library only. Never raises on unexpected input.
+Log lines: {"event": "started"|"abandoned"|"crashed", "stage", "marker", "text",
+"legal", "pid", "ppid", "time", "unix_time", "delay_seconds", "run_id",
+"request_id", "work_item", "call_index"}; "started" is written when the prompt
+arrives. No env var: every stage succeeds at once.
+
+Python 3.11 standard library only. Never raises on unexpected input: a prompt
+without legal markers gets an empty answer (and a note on stderr).
 """
 
 from __future__ import annotations

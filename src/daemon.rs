@@ -1,0 +1,163 @@
+//! The Millrace daemon as a child process: started as argv, its output read and kept in
+//! a log file, stopped politely (`control stop`), then firmly (SIGTERM, SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::runtime::{Millrace, RuntimeError, exit_code};
+
+/// A running (or finished) daemon this process started.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    pid: Option<u32>,
+    log_path: PathBuf,
+    exit: Option<i32>,
+}
+
+impl Daemon {
+    /// Spawns `millrace run daemon --workspace W --mode M --monitor none`. Its stdout and
+    /// stderr go, line by line, to `log_path` (the reference pipes them and never reads,
+    /// which can stall a chatty daemon).
+    pub async fn start(
+        millrace: &Millrace,
+        workspace: &Path,
+        cwd: &Path,
+        mode: &str,
+        log_path: PathBuf,
+    ) -> Result<Self, RuntimeError> {
+        if let Some(dir) = log_path.parent() {
+            let _ = tokio::fs::create_dir_all(dir).await;
+        }
+        let mut child = Command::new(&millrace.command)
+            .args(["run", "daemon", "--workspace"])
+            .arg(workspace)
+            .args(["--mode", mode, "--monitor", "none"])
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                RuntimeError::Spawn(crate::sessions::python_os_error(
+                    &e,
+                    Path::new(&millrace.command),
+                ))
+            })?;
+        let pid = child.id();
+        let log = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .await
+            .ok();
+        let log = std::sync::Arc::new(tokio::sync::Mutex::new(log));
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(copy_lines(stdout, log.clone(), "out"));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(copy_lines(stderr, log, "err"));
+        }
+        tracing::info!(pid, workspace = %workspace.display(), mode, "daemon started");
+        Ok(Self {
+            child,
+            pid,
+            log_path,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The exit code once the daemon has ended, without waiting.
+    pub fn try_exit(&mut self) -> Option<i32> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(exit_code(&status));
+            }
+        }
+        self.exit
+    }
+
+    /// Waits for the daemon to end.
+    pub async fn wait(&mut self) -> i32 {
+        if let Some(code) = self.exit {
+            return code;
+        }
+        let code = match self.child.wait().await {
+            Ok(status) => exit_code(&status),
+            Err(_) => -1,
+        };
+        self.exit = Some(code);
+        code
+    }
+
+    /// Asks the runtime to stop, waits up to `grace`, then SIGTERM (5 s), then SIGKILL.
+    pub async fn stop(
+        &mut self,
+        millrace: &Millrace,
+        workspace: &Path,
+        cwd: &Path,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        let asked = millrace
+            .run_checked(
+                &[
+                    "control".into(),
+                    "stop".into(),
+                    "--workspace".into(),
+                    workspace.into(),
+                ],
+                cwd,
+            )
+            .await;
+        if self.wait_for(grace).await {
+            return asked.map(|_| ());
+        }
+        if let Some(pid) = self.pid {
+            tracing::warn!(pid, "daemon did not stop in time; sending SIGTERM");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if self.wait_for(Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        tracing::warn!(pid = self.pid, "daemon ignored SIGTERM; killing it");
+        let _ = self.child.start_kill();
+        self.wait_for(Duration::from_secs(5)).await;
+        Ok(())
+    }
+
+    async fn wait_for(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.wait()).await.is_ok()
+    }
+}
+
+async fn copy_lines<R: tokio::io::AsyncRead + Unpin>(
+    reader: R,
+    log: std::sync::Arc<tokio::sync::Mutex<Option<tokio::fs::File>>>,
+    stream: &'static str,
+) {
+    let mut lines = BufReader::new(reader).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::trace!(stream, %line, "daemon output");
+        if let Some(file) = log.lock().await.as_mut() {
+            let _ = file
+                .write_all(format!("[{stream}] {line}\n").as_bytes())
+                .await;
+        }
+    }
+}
