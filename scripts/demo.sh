@@ -51,6 +51,7 @@ NATS_PID=""
 WORKER_PID=""
 KEEP_RUNNING=0
 
+# shellcheck disable=SC2329 # called from cleanup
 show_log() {
     [[ -s "$2" ]] || return 0
     printf -- '----- %s (%s, last 40 lines) -----\n' "$1" "$2" >&2
@@ -58,6 +59,7 @@ show_log() {
     printf -- '----- end of %s -----\n' "$1" >&2
 }
 
+# shellcheck disable=SC2329 # the EXIT trap
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -127,8 +129,6 @@ status_request() {
     printf '{"schema_version":"millracer.ops.v0.2","request_id":"%s","workspace_ref":{"workspace_id":"demo"},"source":{"kind":"cli","surface":"demo"},"action":"status","input":{"kind":"structured_action","payload":{}}}' "$1"
 }
 
-ops() { "$MILLRACER" ops --json --transport nats --nats-url "$NATS_URL" "$@"; }
-
 # Ready = it answers a status request over the bus (any OpsResult counts).
 deadline=$((SECONDS + READY_TIMEOUT_SECONDS))
 attempt=0
@@ -150,7 +150,7 @@ say "request:  $REQUEST"
 say "command:  echo '<request>' | $MILLRACER ops --json --transport nats --nats-url $NATS_URL"
 say "OpsResult (stdout):"
 rc=0
-echo "$REQUEST" | ops || rc=$?
+echo "$REQUEST" | "$MILLRACER" ops --json --transport nats --nats-url "$NATS_URL" || rc=$?
 say "millracer ops exited with status $rc"
 
 if [[ "$KEEP" == 1 ]]; then

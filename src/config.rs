@@ -87,10 +87,11 @@ impl ConfigFile {
 
 /// Splits `ID=PATH`; anything whose part before `=` is not a plain id is a bare path.
 pub fn parse_workspace_flag(spec: &str) -> (Option<String>, PathBuf) {
-    if let Some((id, path)) = spec.split_once('=') {
-        if crate::subjects::is_plain_token(id) && !path.is_empty() {
-            return (Some(id.to_string()), PathBuf::from(path));
-        }
+    if let Some((id, path)) = spec.split_once('=')
+        && crate::subjects::is_plain_token(id)
+        && !path.is_empty()
+    {
+        return (Some(id.to_string()), PathBuf::from(path));
     }
     (None, PathBuf::from(spec))
 }

@@ -42,6 +42,9 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group: the runtime does not stop its runner children, so
+            // stopping the daemon firmly means signalling the whole group.
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 RuntimeError::Spawn(crate::sessions::python_os_error(
@@ -82,10 +85,10 @@ impl Daemon {
 
     /// The exit code once the daemon has ended, without waiting.
     pub fn try_exit(&mut self) -> Option<i32> {
-        if self.exit.is_none() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(exit_code(&status));
-            }
+        if self.exit.is_none()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            self.exit = Some(exit_code(&status));
         }
         self.exit
     }
@@ -125,20 +128,27 @@ impl Daemon {
         if self.wait_for(grace).await {
             return asked.map(|_| ());
         }
-        if let Some(pid) = self.pid {
-            tracing::warn!(pid, "daemon did not stop in time; sending SIGTERM");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+        tracing::warn!(
+            pid = self.pid,
+            "daemon did not stop in time; sending SIGTERM to its group"
+        );
+        self.signal_group(nix::sys::signal::Signal::SIGTERM);
         if self.wait_for(Duration::from_secs(5)).await {
+            self.signal_group(nix::sys::signal::Signal::SIGKILL);
             return Ok(());
         }
-        tracing::warn!(pid = self.pid, "daemon ignored SIGTERM; killing it");
+        tracing::warn!(pid = self.pid, "daemon ignored SIGTERM; killing its group");
+        self.signal_group(nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.start_kill();
         self.wait_for(Duration::from_secs(5)).await;
         Ok(())
+    }
+
+    /// Signals the daemon's process group (the daemon and the runners it started).
+    fn signal_group(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
     }
 
     async fn wait_for(&mut self, limit: Duration) -> bool {

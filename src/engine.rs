@@ -89,7 +89,8 @@ impl Engine {
     /// of lanes. `reply` is where the result goes.
     pub fn submit(self: &Arc<Self>, raw: &[u8], reply: Option<ReplyTo>) {
         if raw.len() > self.options.max_request_bytes {
-            let (request_id, action) = salvage_ids(&raw[..raw.len().min(4096)]);
+            // Bounded by the server's max_payload; worth it to name the refused request.
+            let (request_id, action) = salvage_ids(raw);
             let error = Record::error(
                 "request_too_large",
                 format!(

@@ -340,7 +340,7 @@ pub fn find_scoped(workspace: &Path, item: &ScopedWorkItem) -> Option<IntakeDocu
         .filter(|p| p.extension().is_some_and(|x| x == "md"))
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
         .collect();
-    docs.sort_by(|a, b| b.0.cmp(&a.0));
+    docs.sort_by_key(|d| std::cmp::Reverse(d.0));
     let item_line = format!("- Item-ID: {}", item.item_id);
     let ref_line = item
         .completion_ref

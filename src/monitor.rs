@@ -56,6 +56,8 @@ pub struct Tracker {
     root_spec: Option<String>,
     started: bool,
     failure_classes: HashMap<String, String>,
+    /// Ids seen that are not ours (so their cards are read once).
+    strangers: BTreeSet<String>,
     pub stages: Vec<StageRun>,
     open_stage: Option<String>,
 }
@@ -70,6 +72,7 @@ impl Tracker {
             root_spec: None,
             started: false,
             failure_classes: HashMap::new(),
+            strangers: BTreeSet::new(),
             stages: Vec::new(),
             open_stage: None,
         }
@@ -94,15 +97,43 @@ impl Tracker {
         if self.ours.contains(id) {
             return true;
         }
-        let derived = self.ours.iter().any(|mine| {
+        if self.strangers.contains(id) {
+            return false;
+        }
+        // Derived work names its origin on its card: `Root-Intake-ID: <probe id>` for a
+        // probe's generated task, `Root-Spec-ID: <spec id>` for a spec's tasks. The
+        // runtime's `<parent>-…` naming is the fallback.
+        let card = records::lifecycle(&self.workspace, id)
+            .and_then(|place| std::fs::read_to_string(place.path).ok())
+            .unwrap_or_default();
+        let by_card = card.lines().any(|line| {
+            ["Root-Intake-ID:", "Root-Spec-ID:"].iter().any(|key| {
+                line.strip_prefix(key)
+                    .is_some_and(|v| self.ours.contains(v.trim()))
+            })
+        });
+        let by_name = self.ours.iter().any(|mine| {
             id.len() > mine.len()
                 && id.starts_with(mine.as_str())
                 && id.as_bytes()[mine.len()] == b'-'
         });
-        if derived {
+        if by_card || by_name {
             self.ours.insert(id.to_string());
+            true
+        } else {
+            self.strangers.insert(id.to_string());
+            false
         }
-        derived
+    }
+
+    /// The arbiter's `stage_started` names no work item; while our idea's closure is
+    /// open, an arbiter run in this workspace is judging it.
+    fn arbiter_for_us(&self, event: &RuntimeEvent) -> Option<String> {
+        if event.str("stage") == Some("arbiter") && event.work_item_id().is_none() {
+            self.root_spec.clone()
+        } else {
+            None
+        }
     }
 
     /// Takes one runtime event: emits the frames it means for this request and returns
@@ -114,21 +145,24 @@ impl Tracker {
                     .str("idea_path")
                     .and_then(|p| Path::new(p).file_stem())
                     .map(|s| s.to_string_lossy().into_owned());
-                if stem.as_deref() == Some(self.root_id.as_str()) {
-                    if let Some(spec) = event.str("spec_id") {
-                        self.ours.insert(spec.to_string());
-                        self.root_spec = Some(spec.to_string());
-                        progress.info(
-                            "runtime.idea_normalized",
-                            format!("Idea normalised into spec {spec}."),
-                            payload! {"work_item_id" => spec, "idea_id" => self.root_id},
-                        );
-                    }
+                if stem.as_deref() == Some(self.root_id.as_str())
+                    && let Some(spec) = event.str("spec_id")
+                {
+                    self.ours.insert(spec.to_string());
+                    self.root_spec = Some(spec.to_string());
+                    progress.info(
+                        "runtime.idea_normalized",
+                        format!("Idea normalised into spec {spec}."),
+                        payload! {"work_item_id" => spec, "idea_id" => self.root_id},
+                    );
                 }
                 None
             }
             "stage_started" => {
-                let id = event.work_item_id()?.to_string();
+                let id = match event.work_item_id() {
+                    Some(id) => id.to_string(),
+                    None => self.arbiter_for_us(event)?,
+                };
                 if !self.is_ours(&id) {
                     return None;
                 }

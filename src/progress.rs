@@ -17,7 +17,7 @@ pub enum Outbound {
     /// One frame of one request; `workspace` is the resolved workspace id, if any.
     Frame {
         workspace: Option<String>,
-        frame: OpsEventFrame,
+        frame: Box<OpsEventFrame>,
     },
     /// The final result, for every caller waiting on this request.
     Result {
@@ -81,7 +81,7 @@ impl Progress {
         // A closed channel means the process is going away; the frame has nowhere to go.
         let _ = self.out.send(Outbound::Frame {
             workspace: self.workspace.clone(),
-            frame,
+            frame: Box::new(frame),
         });
         *seq
     }

@@ -71,14 +71,15 @@ impl StatusCache {
         self.ensure_watch(&entry, workspace);
         let mut slot = entry.slot.lock().await;
         let current = entry.generation.load(Ordering::SeqCst);
-        if let Some(cached) = slot.as_ref() {
-            if cached.generation == current && cached.at.elapsed() < self.max_age {
-                return cached
-                    .value
-                    .as_ref()
-                    .map(|m| (**m).clone())
-                    .map_err(Clone::clone);
-            }
+        if let Some(cached) = slot.as_ref()
+            && cached.generation == current
+            && cached.at.elapsed() < self.max_age
+        {
+            return cached
+                .value
+                .as_ref()
+                .map(|m| (**m).clone())
+                .map_err(Clone::clone);
         }
         // Read the generation before asking, so a change during the call makes the
         // next request ask again.

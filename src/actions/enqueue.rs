@@ -17,10 +17,10 @@ use crate::subjects;
 
 /// The reference's `_task_text`: `input.text`, else `input.payload.task` (or `.text`).
 pub fn task_text(input: &Map<String, Value>) -> Option<String> {
-    if let Some(Value::String(text)) = input.get("text") {
-        if !text.trim().is_empty() {
-            return Some(text.trim().to_string());
-        }
+    if let Some(Value::String(text)) = input.get("text")
+        && !text.trim().is_empty()
+    {
+        return Some(text.trim().to_string());
     }
     let Some(Value::Object(nested)) = input.get("payload") else {
         return None;

@@ -17,7 +17,8 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 // The JSON Schema helpers live in the sibling file `schemas.rs`:
-// pub mod schemas;
+pub mod schemas;
+pub mod stand_in;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

@@ -429,14 +429,16 @@ def _duty_manager(prompt: Prompt, ws: Workspace, marker: str) -> list[str]:
     family, work_id = prompt.active_work_item()
     spec_path = ws.resolve(prompt.get("Active Work Item Path"))
     title, spec = _read_doc_fields(spec_path)
-    spec_id = spec.get("Spec-ID") or work_id or "spec"
+    is_incident = family == "incident"
+    source_label = "Incident-ID" if is_incident else "Spec-ID"
+    spec_id = spec.get(source_label) or work_id or "spec"
     task_id = _unique(_safe_id(f"{spec_id}-task-1"), ws.task_exists)
     task_title = f"Implement {title or spec_id}"
     lineage = []
     for label in ("Root-Idea-ID", "Root-Spec-ID", "Root-Intake-Kind", "Root-Intake-ID"):
         value = spec.get(label)
-        if label == "Root-Spec-ID" and not value:
-            value = spec_id
+        if label == "Root-Spec-ID" and not value and not is_incident:
+            value = spec_id  # a root spec is its own root
         if value:
             lineage.append(f"{label}: {value}")
     now = _now_iso()
@@ -448,7 +450,7 @@ def _duty_manager(prompt: Prompt, ws: Workspace, marker: str) -> list[str]:
             f"Title: {task_title}",
             f"Summary: Stand-in manager task for spec {spec_id}.",
             *lineage,
-            f"Spec-ID: {spec_id}",
+            f"{source_label}: {spec_id}",
             "Status-Hint: queued",
             f"Created-At: {now}",
             "Created-By: manager",
@@ -474,7 +476,7 @@ def _duty_manager(prompt: Prompt, ws: Workspace, marker: str) -> list[str]:
     path = ws.agents / "tasks" / "queue" / f"{task_id}.md"
     _write_text(path, card)
     summary = ws.run_dir / "manager_summary.md"
-    _write_text(summary, f"# Manager summary\n\nSource spec: {spec_id}\nEmitted tasks:\n- {task_id}\n")
+    _write_text(summary, f"# Manager summary\n\nSource {family or 'spec'}: {spec_id}\nEmitted tasks:\n- {task_id}\n")
     return [str(path), str(summary)]
 
 

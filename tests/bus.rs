@@ -1,0 +1,493 @@
+//! The bus foundation, end to end: a private nats-server, the real `millrace` runtime, a
+//! `millracer worker` process and the `millracer ops` bridge, as an adapter would use them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::schemas::assert_valid;
+use common::{NatsServer, Worker, Workspace, request_json, run_ops};
+use futures::StreamExt;
+use millracer::subjects;
+use serde_json::{Value, json};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn parse(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+fn without_times(mut v: Value) -> Value {
+    let obj = v.as_object_mut().expect("result object");
+    obj.remove("started_at");
+    obj.remove("finished_at");
+    v
+}
+
+/// Sends raw bytes as a core NATS request and parses the answer.
+async fn raw_request(client: &async_nats::Client, subject: String, payload: Vec<u8>) -> Value {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(subject, payload.into()),
+    )
+    .await
+    .expect("answer within 30 s")
+    .expect("request succeeds");
+    let value = parse(&reply.payload);
+    assert_valid("result", &value);
+    value
+}
+
+#[test]
+fn status_through_the_bus_equals_status_in_process() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let root = ws.path().display().to_string();
+    let worker = Worker::spawn(&nats.url, &[("default", ws.path())], &[]);
+    rt().block_on(async { worker.wait_ready(&nats.client().await).await });
+
+    let request = request_json(
+        "req-status-eq",
+        "status",
+        json!({"root_path": root, "display_name": "Demo", "mode": "default_pi", "environment": "dev"}),
+        json!({"kind": "structured_action", "payload": {}}),
+    )
+    .to_string();
+    let bus = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &request,
+        &[],
+    );
+    let local = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "local",
+            "--workspace",
+            &root,
+        ],
+        &request,
+        &[],
+    );
+    assert_eq!(
+        bus.status.code(),
+        Some(0),
+        "bus stderr: {}",
+        String::from_utf8_lossy(&bus.stderr)
+    );
+    assert_eq!(
+        local.status.code(),
+        Some(0),
+        "local stderr: {}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let (bus_v, local_v) = (parse(&bus.stdout), parse(&local.stdout));
+    assert_valid("result", &bus_v);
+    assert_valid("result", &local_v);
+    assert_eq!(bus_v["status"], "succeeded");
+    assert_eq!(bus_v["result"]["workspace"], json!(root));
+    assert_eq!(without_times(bus_v), without_times(local_v));
+    // Printed as the reference prints: sorted keys, two-space indent, one trailing newline.
+    let text = String::from_utf8_lossy(&bus.stdout);
+    assert!(
+        text.starts_with("{\n  \"action\": \"status\",\n  \"completion\": {"),
+        "{text}"
+    );
+    assert!(text.ends_with("}\n"));
+}
+
+#[test]
+fn stream_json_prints_ordered_frames_then_one_result() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
+    rt().block_on(async { worker.wait_ready(&nats.client().await).await });
+    let request = request_json(
+        "req-stream-1",
+        "status",
+        json!({"workspace_id": "demo"}),
+        json!({}),
+    )
+    .to_string();
+    let out = run_ops(
+        &[
+            "ops",
+            "--stream-json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &request,
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| parse(l.as_bytes()))
+        .collect();
+    let (result, frames) = lines.split_last().expect("at least one line");
+    assert_valid("result", result);
+    assert_eq!(result["request_id"], "req-stream-1");
+    let types: Vec<&str> = frames
+        .iter()
+        .map(|f| f["event_type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        ["request.accepted", "request.started", "request.finished"]
+    );
+    for (i, frame) in frames.iter().enumerate() {
+        assert_valid("frame", frame);
+        assert_eq!(frame["sequence"], json!(i + 1));
+        assert_eq!(frame["request_id"], "req-stream-1");
+    }
+    assert_eq!(frames[2]["payload"]["status"], "succeeded");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_the_worker_keeps_serving() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let other = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let any = subjects::request_any;
+
+        let v = raw_request(&client, any(), b"{not json".to_vec()).await;
+        assert_eq!(v["errors"][0]["code"], "invalid_request");
+        assert_eq!(
+            v["errors"][0]["message"],
+            "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+        );
+
+        let v = raw_request(
+            &client,
+            any(),
+            br#"{"schema_version":"millracer.ops.v0.2","request_id":5,"action":"status"}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(
+            v["errors"][0]["message"],
+            "ops payload requires non-empty request_id"
+        );
+
+        let v = raw_request(&client, any(), br#"[1,2]"#.to_vec()).await;
+        assert_eq!(
+            v["errors"][0]["message"],
+            "ops request must be a JSON object"
+        );
+
+        let unknown = request_json(
+            "req-unknown",
+            "drop_tables",
+            json!({"workspace_id": "demo"}),
+            json!({}),
+        );
+        let v = raw_request(&client, any(), unknown.to_string().into_bytes()).await;
+        assert_eq!(v["errors"][0]["code"], "unsupported_action");
+        assert_eq!(
+            v["errors"][0]["message"],
+            "Unsupported Millracer ops action: drop_tables"
+        );
+
+        let foreign = request_json(
+            "req-foreign",
+            "status",
+            json!({"root_path": other.path()}),
+            json!({}),
+        );
+        let v = raw_request(&client, any(), foreign.to_string().into_bytes()).await;
+        assert_eq!(v["errors"][0]["code"], "workspace_not_served");
+        assert_eq!(v["status"], "failed");
+
+        let mut huge = request_json(
+            "req-huge",
+            "status",
+            json!({"workspace_id": "demo"}),
+            json!({}),
+        );
+        huge["metadata"] = json!({"blob": "x".repeat(300 * 1024)});
+        let v = raw_request(&client, any(), huge.to_string().into_bytes()).await;
+        assert_eq!(v["errors"][0]["code"], "request_too_large");
+        assert_eq!(v["request_id"], "req-huge");
+
+        // A hostile request_id is answered, and its frames stay on one encoded subject.
+        let mut all_frames = client
+            .subscribe("millracer.ops.v0_2.frames.>")
+            .await
+            .expect("subscribe");
+        let hostile_id = "x.*.> $SYS evil";
+        let hostile = request_json(
+            hostile_id,
+            "status",
+            json!({"workspace_id": "demo"}),
+            json!({}),
+        );
+        let v = raw_request(
+            &client,
+            subjects::request_by_id("demo"),
+            hostile.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(v["request_id"], hostile_id);
+        assert_eq!(v["status"], "succeeded");
+        let frame = tokio::time::timeout(Duration::from_secs(5), all_frames.next())
+            .await
+            .expect("a frame")
+            .expect("open");
+        assert_eq!(
+            frame.subject.as_str(),
+            subjects::frames(Some("demo"), hostile_id)
+        );
+        assert_eq!(frame.subject.split('.').count(), 6, "{}", frame.subject);
+
+        // Still serving.
+        let ok = request_json(
+            "req-after",
+            "status",
+            json!({"workspace_id": "demo"}),
+            json!({}),
+        );
+        let v = raw_request(
+            &client,
+            subjects::request_by_id("demo"),
+            ok.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(v["status"], "succeeded");
+    });
+    assert!(worker.try_wait().is_none(), "the worker must still run");
+
+    // The bridge keeps the reference's stderr contract for input it cannot parse.
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "millracer: error: Expecting value: line 1 column 1 (char 0)\n"
+    );
+    let out = run_ops(&["ops"], "{}", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "millracer: error: ops requires --json or --stream-json\n"
+    );
+}
+
+#[test]
+fn the_same_request_id_twice_runs_once() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let first = request_json(
+            "req-once",
+            "select_workspace",
+            json!({}),
+            json!({"payload": {"workspace_id": "demo", "session_id": "first"}}),
+        );
+        let second = request_json(
+            "req-once",
+            "select_workspace",
+            json!({}),
+            json!({"payload": {"workspace_id": "demo", "session_id": "second"}}),
+        );
+        let a = raw_request(
+            &client,
+            subjects::request_any(),
+            first.to_string().into_bytes(),
+        )
+        .await;
+        let b = raw_request(
+            &client,
+            subjects::request_any(),
+            second.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(a["status"], "succeeded");
+        assert_eq!(
+            a, b,
+            "the repeat gets the stored result, timestamps included"
+        );
+        let listed = request_json("req-list", "list_sessions", json!({}), json!({}));
+        let v = raw_request(
+            &client,
+            subjects::request_any(),
+            listed.to_string().into_bytes(),
+        )
+        .await;
+        let ids: Vec<&str> = v["result"]["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| s["session_id"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(ids, ["first"], "the second payload never ran");
+    });
+    let text = std::fs::read_to_string(worker.home().join(".millracer/sessions.json"))
+        .expect("sessions file");
+    assert!(
+        text.contains("\"first\"") && !text.contains("\"second\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn no_worker_is_a_distinct_error_and_auto_runs_in_process() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let root = ws.path().display().to_string();
+    let request = request_json("req-noworker", "status", json!({}), json!({})).to_string();
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+            "--workspace",
+            &root,
+        ],
+        &request,
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no worker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--nats-url",
+            &nats.url,
+            "--workspace",
+            &root,
+        ],
+        &request,
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running in-process"));
+    let v = parse(&out.stdout);
+    assert_eq!(v["result"]["workspace"], json!(root));
+
+    // No broker at all: auto still answers in-process.
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--workspace",
+            &root,
+        ],
+        &request,
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_worker_refuses_unsafe_workspace_ids() {
+    let ws = Workspace::init();
+    let out = run_ops(
+        &[
+            "worker",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--workspace",
+            &format!("a.b={}", ws.path().display()),
+        ],
+        "",
+        &[],
+    );
+    // `a.b` is not a plain id, so the whole flag is read as a path, which does not exist.
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = common::write_file(
+        dir.path(),
+        "w.toml",
+        &format!(
+            "[[workspace]]\nid = \"bad>id\"\npath = \"{}\"\n",
+            ws.path().display()
+        ),
+    );
+    let out = run_ops(
+        &[
+            "worker",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--config",
+            &config.display().to_string(),
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not allowed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

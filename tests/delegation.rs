@@ -1,0 +1,597 @@
+//! Delegated work on the real runtime: a worker enqueues into real Millrace workspaces
+//! whose stages are answered by the stand-in runner; an adapter-style client follows the
+//! frames and gates on `completion.scoped_completion`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::schemas::assert_valid;
+use common::stand_in::StandInWorkspace;
+use common::{NatsServer, Worker, request_json, run_ops};
+use futures::StreamExt;
+use millracer::subjects;
+use serde_json::{Value, json};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn enqueue(id: &str, ws: &str, text: &str, intake: &str) -> Value {
+    let mut r = request_json(
+        id,
+        "enqueue",
+        json!({"workspace_id": ws}),
+        json!({"kind": "natural_language", "text": text}),
+    );
+    r["route_preference"] = json!("millrace");
+    r["intake_preference"] = json!(intake);
+    r
+}
+
+/// Sends a request like an adapter: frames subscribed first, then the request; returns
+/// the result and every frame of this request, in arrival order.
+async fn send_and_follow(
+    client: &async_nats::Client,
+    subject: String,
+    request: &Value,
+) -> (Value, Vec<Value>) {
+    let id = request["request_id"].as_str().expect("request_id");
+    let mut frames = client
+        .subscribe(subjects::frames_of_request(id))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    let reply = client.send_request(
+        subject,
+        async_nats::Request::new()
+            .payload(request.to_string().into())
+            .timeout(Some(Duration::from_secs(240))),
+    );
+    tokio::pin!(reply);
+    let mut seen = Vec::new();
+    let answer = loop {
+        tokio::select! {
+            answer = &mut reply => break answer.expect("an answer"),
+            Some(frame) = frames.next() => seen.push(serde_json::from_slice::<Value>(&frame.payload).expect("frame JSON")),
+        }
+    };
+    while !seen.iter().any(|f| f["event_type"] == "request.finished") {
+        match tokio::time::timeout(Duration::from_secs(2), frames.next()).await {
+            Ok(Some(frame)) => {
+                seen.push(serde_json::from_slice(&frame.payload).expect("frame JSON"))
+            }
+            _ => break,
+        }
+    }
+    let result: Value = serde_json::from_slice(&answer.payload).expect("result JSON");
+    assert_valid("result", &result);
+    for (i, frame) in seen.iter().enumerate() {
+        assert_valid("frame", frame);
+        assert_eq!(
+            frame["sequence"],
+            json!(i + 1),
+            "frames arrive in order without gaps: {seen:#?}"
+        );
+    }
+    (result, seen)
+}
+
+/// `(event_type, stage)` of the runtime stage frames.
+fn stages(frames: &[Value]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .filter(|f| {
+            f["event_type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("runtime.stage_"))
+        })
+        .map(|f| {
+            (
+                f["event_type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_start_matches("runtime.stage_")
+                    .to_string(),
+                f["payload"]["stage"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn started_then_completed(names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .flat_map(|s| {
+            [
+                ("started".to_string(), s.to_string()),
+                ("completed".to_string(), s.to_string()),
+            ]
+        })
+        .collect()
+}
+
+fn frame_types(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|f| f["event_type"].as_str().unwrap_or(""))
+        .collect()
+}
+
+struct Setup {
+    nats: NatsServer,
+    worker: Worker,
+}
+
+fn serve(workspaces: &[(&str, &StandInWorkspace)], extra: &[&str]) -> Setup {
+    let nats = NatsServer::start();
+    let list: Vec<(&str, &std::path::Path)> =
+        workspaces.iter().map(|(id, w)| (*id, w.path())).collect();
+    let worker = Worker::spawn(&nats.url, &list, extra);
+    Setup { nats, worker }
+}
+
+#[test]
+fn a_task_completes_with_scoped_completion_and_every_stage_seen_once() {
+    let ws = StandInWorkspace::new(json!({}));
+    let s = serve(&[("alpha", &ws)], &[]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let mut request = enqueue(
+            "req-task-ok",
+            "alpha",
+            "Fix src/app.py so tests/test_app.py passes",
+            "task",
+        );
+        request["scoped_work_item"] = json!({"item_id": "ITEM-1", "title": "the one item"});
+        let (result, frames) =
+            send_and_follow(&client, subjects::request_by_id("alpha"), &request).await;
+        assert_eq!(result["status"], "succeeded", "{result:#}");
+        assert_eq!(result["route"], "millrace");
+        assert_eq!(result["intake_kind"], "task");
+        assert_eq!(result["completion"]["outcome"], "completed");
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        assert_eq!(result["completion"]["verification_status"], "verified");
+        let evidence = result["completion"]["evidence_summary"].to_string();
+        assert!(
+            evidence.contains("millrace-agents/tasks/done/task-"),
+            "{evidence}"
+        );
+        assert_eq!(result["scoped_work_item"]["item_id"], "ITEM-1");
+        assert_eq!(
+            stages(&frames),
+            started_then_completed(&["builder", "checker", "updater"])
+        );
+        let types = frame_types(&frames);
+        for t in [
+            "request.accepted",
+            "request.queued",
+            "request.started",
+            "runtime.intake_written",
+            "runtime.work_item_queued",
+            "runtime.daemon_started",
+            "runtime.terminal",
+            "request.finished",
+        ] {
+            assert_eq!(
+                types.iter().filter(|x| **x == t).count(),
+                1,
+                "{t} once in {types:?}"
+            );
+        }
+        assert_eq!(types.last(), Some(&"request.finished"));
+        let doc =
+            std::fs::read_to_string(result["result"]["task_path"].as_str().expect("task_path"))
+                .expect("intake doc");
+        assert!(
+            doc.contains("- Item-ID: ITEM-1\n- Title: the one item\n"),
+            "{doc}"
+        );
+
+        // The same scoped item sent again is not queued twice: the records already prove it.
+        let mut again = request.clone();
+        again["request_id"] = json!("req-task-again");
+        let (result, frames) =
+            send_and_follow(&client, subjects::request_by_id("alpha"), &again).await;
+        let types = frame_types(&frames);
+        assert!(types.contains(&"runtime.intake_reused"), "{types:?}");
+        assert!(!types.contains(&"runtime.work_item_queued"), "{types:?}");
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        // ITEM-12 is another item, although its id contains ITEM-1.
+        let mut other = request.clone();
+        other["request_id"] = json!("req-task-12");
+        other["scoped_work_item"] = json!({"item_id": "ITEM-12"});
+        let (result, frames) =
+            send_and_follow(&client, subjects::request_by_id("alpha"), &other).await;
+        assert!(frame_types(&frames).contains(&"runtime.work_item_queued"));
+        assert_eq!(result["status"], "succeeded");
+    });
+    let stages_run: Vec<String> = ws
+        .calls()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        stages_run,
+        [
+            "builder", "checker", "updater", "builder", "checker", "updater"
+        ]
+    );
+}
+
+#[test]
+fn an_idea_and_a_probe_complete_from_the_runtime_records() {
+    let idea_ws = StandInWorkspace::new(json!({}));
+    let probe_ws = StandInWorkspace::new(json!({}));
+    let s = serve(&[("idea", &idea_ws), ("probe", &probe_ws)], &[]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let idea = enqueue(
+            "req-idea-ok",
+            "idea",
+            "Build a new operator dashboard",
+            "auto",
+        );
+        let probe = enqueue(
+            "req-probe-ok",
+            "probe",
+            "Investigate the storage layer before changing it",
+            "probe",
+        );
+        let (idea_out, probe_out) = tokio::join!(
+            send_and_follow(&client, subjects::request_by_id("idea"), &idea),
+            send_and_follow(&client, subjects::request_by_id("probe"), &probe),
+        );
+        let (result, frames) = idea_out;
+        assert_eq!(
+            result["intake_kind"], "idea",
+            "auto picks idea for a new capability"
+        );
+        assert_eq!(result["status"], "succeeded", "{result:#}");
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        let evidence = result["completion"]["evidence_summary"].to_string();
+        assert!(
+            evidence.contains("arbiter_closure") && evidence.contains("arbiter/targets/"),
+            "{evidence}"
+        );
+        assert_eq!(
+            stages(&frames),
+            started_then_completed(&[
+                "planner", "manager", "builder", "checker", "updater", "arbiter"
+            ])
+        );
+        assert!(frame_types(&frames).contains(&"runtime.idea_normalized"));
+
+        let (result, frames) = probe_out;
+        assert_eq!(result["status"], "succeeded", "{result:#}");
+        assert_eq!(result["intake_kind"], "probe");
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        assert!(
+            result["completion"]["evidence_summary"]
+                .to_string()
+                .contains("probes/done/")
+        );
+        assert_eq!(
+            stages(&frames),
+            started_then_completed(&["recon", "builder", "checker", "updater"])
+        );
+    });
+}
+
+#[test]
+fn blocked_work_is_reported_blocked_with_its_failure_class() {
+    let task_ws = StandInWorkspace::new(json!({
+        "checker": {"marker": "blocked"}, "troubleshooter": {"marker": "blocked"}, "consultant": {"marker": "blocked"}
+    }));
+    let idea_ws = StandInWorkspace::new(
+        json!({"planner": {"marker": "blocked"}, "mechanic": {"marker": "blocked"}}),
+    );
+    let s = serve(&[("task", &task_ws), ("idea", &idea_ws)], &[]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let task = enqueue(
+            "req-task-blocked",
+            "task",
+            "Fix src/app.py so tests/test_app.py passes",
+            "task",
+        );
+        let idea = enqueue("req-idea-blocked", "idea", "Shape a new workflow", "idea");
+        let ((task_result, task_frames), (idea_result, _)) = tokio::join!(
+            send_and_follow(&client, subjects::request_by_id("task"), &task),
+            send_and_follow(&client, subjects::request_by_id("idea"), &idea),
+        );
+        assert_eq!(task_result["status"], "blocked", "{task_result:#}");
+        assert_eq!(task_result["completion"]["outcome"], "blocked");
+        assert_eq!(task_result["completion"]["scoped_completion"], false);
+        assert_eq!(
+            task_result["completion"]["missing_evidence"],
+            json!(["positive scoped completion evidence"])
+        );
+        assert_eq!(task_result["result"]["event"]["kind"], "blocked");
+        assert!(
+            task_result["result"]["event"]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("blocked")
+        );
+        assert!(
+            task_result["completion"]["evidence_summary"]
+                .to_string()
+                .contains("tasks/blocked/")
+        );
+        let seen: Vec<String> = stages(&task_frames)
+            .into_iter()
+            .filter(|(e, _)| e == "completed")
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(seen, ["builder", "checker", "troubleshooter", "consultant"]);
+
+        assert_eq!(idea_result["status"], "blocked", "{idea_result:#}");
+        assert_eq!(idea_result["result"]["event"]["reason"], "planner_blocked");
+    });
+    // ops exits 0 for blocked, as the reference does.
+}
+
+#[test]
+fn a_killed_daemon_is_restarted_and_the_work_completes() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 30}}));
+    let s = serve(&[("alpha", &ws)], &[]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let request = enqueue("req-crash", "alpha", "Fix src/app.py so tests/test_app.py passes", "task");
+        let mut frames = client.subscribe(subjects::frames_of_request("req-crash")).await.expect("subscribe");
+        let reply = client.send_request(
+            subjects::request_by_id("alpha"),
+            async_nats::Request::new().payload(request.to_string().into()).timeout(Some(Duration::from_secs(240))),
+        );
+        tokio::pin!(reply);
+        let mut pid = None;
+        let mut types = Vec::new();
+        let answer = loop {
+            tokio::select! {
+                answer = &mut reply => break answer.expect("answer"),
+                Some(frame) = frames.next() => {
+                    let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
+                    types.push(frame["event_type"].as_str().unwrap_or("").to_string());
+                    if frame["event_type"] == "runtime.daemon_started" {
+                        pid = frame["payload"]["pid"].as_u64();
+                    }
+                    if frame["event_type"] == "runtime.stage_started" && types.iter().filter(|t| *t == "runtime.stage_started").count() == 1 {
+                        ws.set_stages(json!({}));
+                        let pid = pid.expect("daemon pid in the daemon_started frame");
+                        let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
+                        assert!(status.success());
+                    }
+                }
+            }
+        };
+        let result: Value = serde_json::from_slice(&answer.payload).expect("result");
+        assert_valid("result", &result);
+        assert!(types.contains(&"runtime.daemon_exited".to_string()), "{types:?}");
+        assert!(types.contains(&"runtime.daemon_restarted".to_string()), "{types:?}");
+        assert_eq!(result["status"], "succeeded", "{result:#}");
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        assert_eq!(result["warnings"][0]["code"], "runtime_warning");
+    });
+}
+
+#[test]
+fn a_daemon_timeout_stops_the_daemon_and_fails_clearly() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 60}}));
+    let s = serve(&[("alpha", &ws)], &["--daemon-timeout-seconds", "4"]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let request = enqueue(
+            "req-timeout",
+            "alpha",
+            "Fix src/app.py so tests/test_app.py passes",
+            "task",
+        );
+        let (result, frames) =
+            send_and_follow(&client, subjects::request_by_id("alpha"), &request).await;
+        assert_eq!(result["status"], "failed", "{result:#}");
+        assert_eq!(result["errors"][0]["code"], "daemon_timeout");
+        assert!(frame_types(&frames).contains(&"runtime.terminal"));
+        // The daemon was stopped: the runtime says so itself.
+        let status = request_json(
+            "req-after-timeout",
+            "status",
+            json!({"workspace_id": "alpha"}),
+            json!({}),
+        );
+        let (status, _) = send_and_follow(&client, subjects::request_by_id("alpha"), &status).await;
+        assert_eq!(status["result"]["process_running"], false, "{status:#}");
+    });
+}
+
+#[test]
+fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
+    let a = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
+    let b = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
+    let s = serve(&[("a", &a), ("b", &b)], &[]);
+    rt().block_on(async {
+        let one = s.nats.client().await;
+        let two = s.nats.client().await;
+        s.worker.wait_ready(&one).await;
+        let a1 = enqueue(
+            "req-a1",
+            "a",
+            "Fix src/one.py so tests/test_one.py passes",
+            "task",
+        );
+        let a2 = enqueue(
+            "req-a2",
+            "a",
+            "Fix src/two.py so tests/test_two.py passes",
+            "task",
+        );
+        let b1 = enqueue(
+            "req-b1",
+            "b",
+            "Fix src/three.py so tests/test_three.py passes",
+            "task",
+        );
+        let status_loop = async {
+            // Read-only requests never wait behind the running enqueues.
+            let mut answered = Vec::new();
+            for i in 0..5 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let req = request_json(
+                    &format!("req-a-status-{i}"),
+                    "status",
+                    json!({"workspace_id": "a"}),
+                    json!({}),
+                );
+                let (result, _) = send_and_follow(&one, subjects::request_by_id("a"), &req).await;
+                assert_eq!(result["status"], "succeeded");
+                answered.push(result["finished_at"].as_str().unwrap_or("").to_string());
+            }
+            answered
+        };
+        let ((r1, f1), (r2, f2), (rb, fb), statuses) = tokio::join!(
+            send_and_follow(&one, subjects::request_by_id("a"), &a1),
+            async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                send_and_follow(&two, subjects::request_by_id("a"), &a2).await
+            },
+            send_and_follow(&two, subjects::request_by_id("b"), &b1),
+            status_loop,
+        );
+        for r in [&r1, &r2, &rb] {
+            assert_eq!(r["status"], "succeeded", "{r:#}");
+        }
+        let at = |frames: &[Value], t: &str| -> String {
+            frames
+                .iter()
+                .find(|f| f["event_type"] == t)
+                .and_then(|f| f["timestamp"].as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let queued = |frames: &[Value]| {
+            frames
+                .iter()
+                .find(|f| f["event_type"] == "request.queued")
+                .map(|f| f["payload"]["position"].clone())
+        };
+        assert_eq!(queued(&f1), Some(json!(0)));
+        assert_eq!(queued(&f2), Some(json!(1)), "a2 waits behind a1");
+        assert!(
+            at(&f1, "request.finished") <= at(&f2, "request.started"),
+            "a1 and a2 never overlap"
+        );
+        assert!(
+            at(&fb, "request.started") < at(&f1, "request.finished"),
+            "b runs while a1 runs"
+        );
+        assert!(
+            at(&f1, "request.started") < at(&fb, "request.finished"),
+            "b runs while a1 runs"
+        );
+        assert!(
+            statuses
+                .iter()
+                .filter(|t| **t < at(&f2, "request.finished"))
+                .count()
+                >= 3,
+            "status answered during the run: {statuses:?}"
+        );
+    });
+}
+
+#[test]
+fn sigterm_answers_requests_in_flight_then_exits_zero() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    let mut s = serve(&[("alpha", &ws)], &[]);
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let request = enqueue(
+            "req-term",
+            "alpha",
+            "Fix src/app.py so tests/test_app.py passes",
+            "task",
+        );
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("req-term"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let send = |req: Value| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .send_request(
+                        subjects::request_by_id("alpha"),
+                        async_nats::Request::new()
+                            .payload(req.to_string().into())
+                            .timeout(Some(Duration::from_secs(240))),
+                    )
+                    .await
+            })
+        };
+        let reply = send(request);
+        let status = request_json(
+            "req-term-status",
+            "status",
+            json!({"workspace_id": "alpha"}),
+            json!({}),
+        );
+        // Wait until the delegated run is under way, then ask the worker to stop.
+        let mut status_reply = None;
+        while let Some(frame) = frames.next().await {
+            let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
+            if frame["event_type"] == "runtime.daemon_started" {
+                status_reply = Some(send(status.clone()));
+            }
+            if frame["event_type"] == "runtime.stage_started" {
+                s.worker.sigterm();
+                break;
+            }
+        }
+        let status_reply = status_reply.expect("daemon_started frame seen");
+        let (answer, status_answer) = tokio::join!(reply, status_reply);
+        let answer = answer
+            .expect("task")
+            .expect("the in-flight enqueue is answered");
+        let result: Value = serde_json::from_slice(&answer.payload).expect("json");
+        assert_eq!(result["status"], "succeeded", "{result:#}");
+        let status_answer = status_answer.expect("task").expect("status answered");
+        let status: Value = serde_json::from_slice(&status_answer.payload).expect("json");
+        assert_eq!(status["status"], "succeeded");
+    });
+    let exit = s
+        .worker
+        .wait_exit(Duration::from_secs(30))
+        .expect("worker exits after SIGTERM");
+    assert_eq!(exit.code(), Some(0));
+    // The bridge sees no worker now.
+    let late = request_json(
+        "req-late",
+        "status",
+        json!({"workspace_id": "alpha"}),
+        json!({}),
+    )
+    .to_string();
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &s.nats.url,
+        ],
+        &late,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(3));
+}
