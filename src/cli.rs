@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::logging::LogFormat;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(

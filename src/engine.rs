@@ -19,6 +19,7 @@ use crate::dispatch::{LaneKey, Plan, Service};
 use crate::ledger::{Admission, Ledger};
 use crate::payload;
 use crate::progress::{Outbound, Progress, ReplyTo};
+use crate::telemetry;
 
 /// Limits of one engine.
 #[derive(Debug, Clone)]
@@ -45,6 +46,7 @@ struct Job {
     request: OpsRequest,
     plan: Plan,
     progress: Progress,
+    span: tracing::Span,
 }
 
 struct Lane {
@@ -86,8 +88,9 @@ impl Engine {
     }
 
     /// Admits one raw request. Synchronous on purpose: the order of calls is the order
-    /// of lanes. `reply` is where the result goes.
-    pub fn submit(self: &Arc<Self>, raw: &[u8], reply: Option<ReplyTo>) {
+    /// of lanes. `reply` is where the result goes; `parent` is the transport's span for
+    /// this message (carrying the caller's trace context), under which the request runs.
+    pub fn submit(self: &Arc<Self>, raw: &[u8], reply: Option<ReplyTo>, parent: &tracing::Span) {
         if raw.len() > self.options.max_request_bytes {
             // Bounded by the server's max_payload; worth it to name the refused request.
             let (request_id, action) = salvage_ids(raw);
@@ -114,29 +117,40 @@ impl Engine {
                 return;
             }
         };
-        let admission = self.lock_ledger().admit(&request.request_id, reply.clone());
+        let admission = self.lock_ledger().admit(&request.request_id, reply);
         match admission {
             Admission::Attached => {
                 tracing::debug!(request_id = %request.request_id, "repeated request attached to the running one");
                 return;
             }
-            Admission::Finished(result) => {
+            Admission::Finished(result, reply) => {
                 tracing::debug!(request_id = %request.request_id, "repeated request answered from the ledger");
-                let workspace = None;
                 let _ = self.out.send(Outbound::Result {
                     to: reply.into_iter().collect(),
-                    workspace,
+                    workspace: None,
                     result,
+                    trace: Arc::new(telemetry::context_of(parent)),
                 });
                 return;
             }
             Admission::New => {}
         }
         let plan = self.service.plan(&request);
+        let span = tracing::info_span!(
+            parent: parent,
+            "request",
+            request_id = %request.request_id,
+            action = %request.action,
+            workspace = plan.workspace_id.as_deref().unwrap_or(""),
+            route = tracing::field::Empty,
+            status = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
         let progress = Progress::new(
             &request.request_id,
             plan.workspace_id.clone(),
             self.out.clone(),
+            telemetry::context_of(&span),
         );
         progress.info(
             "request.accepted",
@@ -147,6 +161,7 @@ impl Engine {
             request,
             plan,
             progress,
+            span,
         };
         match job.plan.lane.clone() {
             Some(key) => self.enqueue(key, job),
@@ -182,6 +197,7 @@ impl Engine {
             to: reply.into_iter().collect(),
             workspace: None,
             result: Arc::new(result),
+            trace: Arc::default(),
         });
     }
 
@@ -237,14 +253,8 @@ impl Engine {
             request,
             plan,
             progress,
+            span,
         } = job;
-        let span = tracing::info_span!(
-            "request",
-            request_id = %request.request_id,
-            action = %request.action,
-            workspace = plan.workspace_id.as_deref().unwrap_or(""),
-            status = tracing::field::Empty,
-        );
         async {
             progress.info(
                 "request.started",
@@ -257,8 +267,15 @@ impl Engine {
                 .execute(&request, &plan, started_at, &progress)
                 .await;
             let status = result.status.as_str();
-            tracing::Span::current().record("status", status);
+            let current = tracing::Span::current();
+            current.record("status", status);
+            if let Some(route) = &result.route {
+                current.record("route", route.as_str());
+            }
             let outcome = result.completion.as_ref().map(|c| c.outcome.clone());
+            if let Some(outcome) = &outcome {
+                current.record("outcome", outcome.as_str());
+            }
             let severity = if result.errors.is_empty() {
                 "info"
             } else {
@@ -278,6 +295,7 @@ impl Engine {
                 to,
                 workspace: plan.workspace_id.clone(),
                 result,
+                trace: progress.trace(),
             });
         }
         .instrument(span)

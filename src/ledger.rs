@@ -16,8 +16,8 @@ pub enum Admission {
     New,
     /// Running: the reply address was added to its waiters.
     Attached,
-    /// Finished recently: answer with this.
-    Finished(Arc<OpsResult>),
+    /// Finished recently: answer this reply address with this result.
+    Finished(Arc<OpsResult>, Option<ReplyTo>),
 }
 
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl Ledger {
                 waiters.extend(reply);
                 Admission::Attached
             }
-            Some(Entry::Done { result }) => Admission::Finished(result.clone()),
+            Some(Entry::Done { result }) => Admission::Finished(result.clone(), reply),
             None => {
                 self.entries.insert(
                     request_id.to_string(),
@@ -122,20 +122,24 @@ mod tests {
     fn duplicates_attach_then_replay() {
         let mut ledger = Ledger::new(Duration::from_secs(60), 10);
         assert!(matches!(
-            ledger.admit("r", Some("a".into())),
+            ledger.admit("r", Some(ReplyTo::new("a"))),
             Admission::New
         ));
         assert!(matches!(
-            ledger.admit("r", Some("b".into())),
+            ledger.admit("r", Some(ReplyTo::new("b"))),
             Admission::Attached
         ));
         assert_eq!(
-            ledger.finish("r", result()),
-            vec!["a".to_string(), "b".to_string()]
+            ledger
+                .finish("r", result())
+                .into_iter()
+                .filter_map(|r| r.into_inner::<&str>())
+                .collect::<Vec<_>>(),
+            vec!["a", "b"]
         );
         assert!(matches!(
-            ledger.admit("r", Some("c".into())),
-            Admission::Finished(_)
+            ledger.admit("r", Some(ReplyTo::new("c"))),
+            Admission::Finished(_, Some(_))
         ));
     }
 
@@ -147,6 +151,9 @@ mod tests {
             ledger.finish(id, result());
         }
         assert!(matches!(ledger.admit("a", None), Admission::New));
-        assert!(matches!(ledger.admit("c", None), Admission::Finished(_)));
+        assert!(matches!(
+            ledger.admit("c", None),
+            Admission::Finished(_, None)
+        ));
     }
 }

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use millracer::cli::{Cli, Command};
-use millracer::{bridge, logging, worker};
+use millracer::{bridge, telemetry, worker};
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -24,7 +24,10 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Worker(args) => {
-            logging::init(cli.log_format, "info");
+            let _telemetry = {
+                let _enter = runtime.enter();
+                telemetry::init(cli.log_format, "info", "millracer-worker")
+            };
             match runtime.block_on(worker::run(args)) {
                 Ok(()) => 0,
                 Err(err) => {
@@ -34,7 +37,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Ops(args) => {
-            logging::init(cli.log_format, "warn");
+            let _telemetry = {
+                let _enter = runtime.enter();
+                telemetry::init(cli.log_format, "warn", "millracer-ops")
+            };
             runtime.block_on(bridge::run(args))
         }
     };

@@ -8,22 +8,46 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::contract::{OpsEventFrame, OpsResult};
 
-/// An opaque reply address given by the transport (a NATS reply subject, or a local id).
-pub type ReplyTo = String;
+/// Where a result goes, as the transport that received the request knows it (a NATS
+/// reply subject with its endpoint, or nothing for an in-process call). Opaque here, so
+/// the engine stays free of any transport.
+pub struct ReplyTo(Box<dyn std::any::Any + Send>);
+
+impl ReplyTo {
+    pub fn new<T: std::any::Any + Send>(value: T) -> Self {
+        Self(Box::new(value))
+    }
+
+    /// The transport's own value back.
+    pub fn into_inner<T: std::any::Any>(self) -> Option<T> {
+        self.0.downcast::<T>().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplyTo(..)")
+    }
+}
+
+/// W3C trace context (`traceparent`, `tracestate`) to send along with a message.
+pub type TraceContext = std::collections::HashMap<String, String>;
 
 /// A message for the transport to deliver.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Outbound {
     /// One frame of one request; `workspace` is the resolved workspace id, if any.
     Frame {
         workspace: Option<String>,
         frame: Box<OpsEventFrame>,
+        trace: Arc<TraceContext>,
     },
     /// The final result, for every caller waiting on this request.
     Result {
         to: Vec<ReplyTo>,
         workspace: Option<String>,
         result: Arc<OpsResult>,
+        trace: Arc<TraceContext>,
     },
 }
 
@@ -36,6 +60,7 @@ pub struct Progress {
     workspace: Option<String>,
     state: Mutex<u64>,
     out: UnboundedSender<Outbound>,
+    trace: Arc<TraceContext>,
 }
 
 impl Progress {
@@ -43,13 +68,20 @@ impl Progress {
         request_id: &str,
         workspace: Option<String>,
         out: UnboundedSender<Outbound>,
+        trace: TraceContext,
     ) -> Self {
         Self {
             request_id: request_id.to_string(),
             workspace,
             state: Mutex::new(0),
             out,
+            trace: Arc::new(trace),
         }
+    }
+
+    /// The trace context the request's messages carry.
+    pub fn trace(&self) -> Arc<TraceContext> {
+        self.trace.clone()
     }
 
     pub fn request_id(&self) -> &str {
@@ -82,6 +114,7 @@ impl Progress {
         let _ = self.out.send(Outbound::Frame {
             workspace: self.workspace.clone(),
             frame: Box::new(frame),
+            trace: self.trace.clone(),
         });
         *seq
     }

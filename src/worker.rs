@@ -1,6 +1,7 @@
 //! `millracer worker`: serves its configured workspaces on the bus until SIGTERM/SIGINT,
 //! then stops taking requests, answers the ones it has, and exits 0.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -12,9 +13,12 @@ use crate::cli::WorkerArgs;
 use crate::config::{ConfigFile, build_registry};
 use crate::dispatch::{Service, Serving};
 use crate::engine::{Engine, EngineOptions};
+use crate::progress::ReplyTo;
 use crate::sessions::SessionStore;
 use crate::subjects;
-use crate::transport::nats::{self, Patience};
+use crate::telemetry;
+use crate::transport::micro::{self, EndpointInfo, Micro};
+use crate::transport::nats::{self, NatsReply, Patience};
 
 pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
@@ -27,12 +31,32 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         file.as_ref().and_then(|f| f.nats.url.as_deref()),
     );
 
-    let mut request_subjects = vec![subjects::request_any()];
+    // One endpoint per subject: any worker, each workspace by id and by path.
+    let mut endpoints = vec![endpoint("any", subjects::request_any(), None)];
     for record in registry.records() {
-        request_subjects.push(subjects::request_by_id(&record.id));
-        request_subjects.push(subjects::request_by_path(&record.root));
+        endpoints.push(endpoint(
+            &format!("ws-{}", record.id),
+            subjects::request_by_id(&record.id),
+            Some(&record.id),
+        ));
+        endpoints.push(endpoint(
+            &format!("path-{}", record.id),
+            subjects::request_by_path(&record.root),
+            Some(&record.id),
+        ));
         tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
     }
+    let micro = Arc::new(Micro::new(
+        endpoints,
+        HashMap::from([(
+            "workspaces".to_string(),
+            registry
+                .records()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        )]),
+    ));
     let service = Service {
         cli_workspace: registry.default_record().map(|r| r.root.clone()),
         registry,
@@ -52,15 +76,19 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
 
     let client = nats::connect(&args.nats, &url, "millracer-worker", Patience::Retry).await?;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
-    let publisher = tokio::spawn(nats::publish_outbound(client.clone(), outbound));
+    let publisher = tokio::spawn(nats::publish_outbound(
+        client.clone(),
+        outbound,
+        Some(micro.clone()),
+    ));
 
     let stop = CancellationToken::new();
     let receivers = TaskTracker::new();
-    for subject in &request_subjects {
+    for (index, info) in micro.endpoints().iter().enumerate() {
         let mut subscriber = client
-            .queue_subscribe(subject.clone(), subjects::QUEUE_GROUP.to_string())
+            .queue_subscribe(info.subject.clone(), info.queue_group.clone())
             .await
-            .with_context(|| format!("cannot subscribe to {subject}"))?;
+            .with_context(|| format!("cannot subscribe to {}", info.subject))?;
         let engine = engine.clone();
         let stop = stop.clone();
         receivers.spawn(async move {
@@ -69,7 +97,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
                     biased;
                     () = stop.cancelled() => break,
                     message = subscriber.next() => match message {
-                        Some(message) => engine.submit(&message.payload, message.reply.map(|r| r.to_string())),
+                        Some(message) => admit(&engine, message, index),
                         None => return,
                     },
                 }
@@ -80,12 +108,19 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
                 return;
             }
             while let Some(message) = subscriber.next().await {
-                engine.submit(&message.payload, message.reply.map(|r| r.to_string()));
+                admit(&engine, message, index);
             }
         });
     }
+    let micro_stop = CancellationToken::new();
+    let micro_task = tokio::spawn(micro.clone().serve(client.clone(), micro_stop.clone()));
     client.flush().await.context("cannot reach NATS")?;
-    tracing::info!(url = %url, subjects = ?request_subjects, queue_group = subjects::QUEUE_GROUP, "worker ready");
+    let subjects: Vec<&str> = micro
+        .endpoints()
+        .iter()
+        .map(|e| e.subject.as_str())
+        .collect();
+    tracing::info!(url = %url, ?subjects, queue_group = subjects::QUEUE_GROUP, service = micro::SERVICE_NAME, id = %micro.id, "worker ready");
 
     wait_for_signal().await?;
     tracing::info!(
@@ -95,6 +130,8 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     stop.cancel();
     receivers.close();
     receivers.wait().await;
+    micro_stop.cancel();
+    let _ = micro_task.await;
     engine.shutdown().await;
     drop(engine);
     publisher.await.context("publisher task failed")?;
@@ -114,4 +151,27 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
+}
+
+fn endpoint(name: &str, subject: String, workspace: Option<&str>) -> EndpointInfo {
+    EndpointInfo {
+        name: name.to_string(),
+        subject,
+        queue_group: subjects::QUEUE_GROUP.to_string(),
+        metadata: workspace
+            .map(|w| HashMap::from([("workspace".to_string(), w.to_string())]))
+            .unwrap_or_default(),
+    }
+}
+
+/// Hands one message to the engine under a span that continues the caller's trace.
+fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize) {
+    let span = tracing::info_span!("nats.receive", subject = %message.subject);
+    telemetry::adopt(&span, message.headers.as_ref());
+    let reply = NatsReply {
+        subject: message.reply.map(|r| r.to_string()),
+        endpoint,
+        received: std::time::Instant::now(),
+    };
+    engine.submit(&message.payload, Some(ReplyTo::new(reply)), &span);
 }

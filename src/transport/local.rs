@@ -21,7 +21,11 @@ pub async fn run_once(
         ..EngineOptions::default()
     };
     let (engine, mut rx) = Engine::new(Arc::new(service), options);
-    engine.submit(raw, Some("local".to_string()));
+    engine.submit(
+        raw,
+        Some(crate::progress::ReplyTo::new(())),
+        &tracing::Span::current(),
+    );
     let mut result = None;
     while let Some(message) = rx.recv().await {
         match message {

@@ -2,4 +2,5 @@
 //! outbound frames and results: NATS for the worker, in-process for local one-shots.
 
 pub mod local;
+pub mod micro;
 pub mod nats;

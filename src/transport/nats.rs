@@ -122,17 +122,43 @@ fn base_headers(request_id: &str) -> HeaderMap {
     headers
 }
 
+/// Where a worker answers one request: the NATS reply subject, the endpoint it came in
+/// on (for the micro service counts) and when it arrived.
+#[derive(Debug)]
+pub struct NatsReply {
+    pub subject: Option<String>,
+    pub endpoint: usize,
+    pub received: std::time::Instant,
+}
+
+fn add_trace(headers: &mut HeaderMap, trace: &crate::progress::TraceContext) {
+    for (key, value) in trace {
+        if let Some(value) = header_value(value) {
+            headers.insert(key.as_str(), value);
+        }
+    }
+}
+
 /// Delivers the engine's outbound messages in order until the engine is gone, then
 /// flushes. One task, one connection: a request's frames, then its result, leave in
 /// the order they were emitted.
-pub async fn publish_outbound(client: Client, mut rx: UnboundedReceiver<Outbound>) {
+pub async fn publish_outbound(
+    client: Client,
+    mut rx: UnboundedReceiver<Outbound>,
+    micro: Option<std::sync::Arc<super::micro::Micro>>,
+) {
     while let Some(message) = rx.recv().await {
         match message {
-            Outbound::Frame { workspace, frame } => {
+            Outbound::Frame {
+                workspace,
+                frame,
+                trace,
+            } => {
                 let subject = subjects::frames(workspace.as_deref(), &frame.request_id);
                 let mut headers = base_headers(&frame.request_id);
                 headers.insert(subjects::HEADER_EVENT_TYPE, frame.event_type.as_str());
                 headers.insert(subjects::HEADER_SEQUENCE, frame.sequence.to_string());
+                add_trace(&mut headers, &trace);
                 let body = frame.to_json_line();
                 if let Err(err) = client
                     .publish_with_headers(subject, headers, body.into())
@@ -141,12 +167,29 @@ pub async fn publish_outbound(client: Client, mut rx: UnboundedReceiver<Outbound
                     tracing::warn!(%err, "cannot publish a frame");
                 }
             }
-            Outbound::Result { to, result, .. } => {
+            Outbound::Result {
+                to, result, trace, ..
+            } => {
                 let body = bytes::Bytes::from(result.to_json_line());
+                let error = result
+                    .errors
+                    .first()
+                    .filter(|_| result.status == crate::contract::ResultStatus::Failed)
+                    .map(|e| format!("{}: {}", e.code, e.message));
                 for reply in to {
-                    let headers = base_headers(&result.request_id);
+                    let Some(reply) = reply.into_inner::<NatsReply>() else {
+                        continue;
+                    };
+                    if let Some(micro) = &micro {
+                        micro.record(reply.endpoint, reply.received.elapsed(), error.clone());
+                    }
+                    let Some(subject) = reply.subject else {
+                        continue;
+                    };
+                    let mut headers = base_headers(&result.request_id);
+                    add_trace(&mut headers, &trace);
                     if let Err(err) = client
-                        .publish_with_headers(reply, headers, body.clone())
+                        .publish_with_headers(subject, headers, body.clone())
                         .await
                     {
                         tracing::warn!(%err, request_id = %result.request_id, "cannot publish a result");
