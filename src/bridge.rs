@@ -5,11 +5,12 @@
 //! request is invalid (the reference's), 2 usage, 3 no worker answers for the workspace
 //! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use futures::StreamExt;
+use tracing::Instrument;
 
 use crate::cli::{OpsArgs, Transport, secs};
 use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
@@ -53,20 +54,28 @@ pub async fn run(args: OpsArgs) -> i32 {
             return 1;
         }
     };
-    let mut out = Output {
-        stream: args.stream_json,
-    };
-    let outcome = match args.transport {
-        Transport::Local => Ok(local(&args, &raw, &mut out).await),
-        Transport::Nats => via_bus(&args, &raw, &request, &mut out, true).await,
-        Transport::Auto => match via_bus(&args, &raw, &request, &mut out, false).await {
-            Err(BusError::Unavailable(why)) => {
-                eprintln!("millracer: note: {why}; running in-process");
-                Ok(local(&args, &raw, &mut out).await)
-            }
-            other => other,
-        },
-    };
+    let mut out = Output::new(args.stream_json);
+    let span = tracing::info_span!(
+        "ops",
+        request_id = %request.request_id,
+        action = %request.action,
+        transport = ?args.transport,
+    );
+    let outcome = async {
+        match args.transport {
+            Transport::Local => Ok(local(&args, &raw, &mut out).await),
+            Transport::Nats => via_bus(&args, &raw, &request, &mut out, true).await,
+            Transport::Auto => match via_bus(&args, &raw, &request, &mut out, false).await {
+                Err(BusError::Unavailable(why)) => {
+                    eprintln!("millracer: note: {why}; running in-process");
+                    Ok(local(&args, &raw, &mut out).await)
+                }
+                other => other,
+            },
+        }
+    }
+    .instrument(span)
+    .await;
     match outcome {
         Ok(Some(result)) => {
             out.result(&result);
@@ -91,27 +100,64 @@ pub async fn run(args: OpsArgs) -> i32 {
     }
 }
 
-/// Prints frames and the result on stdout in the chosen format.
+/// Prints frames and the result on stdout in the chosen format, and on a terminal keeps
+/// a progress line on stderr (stdout stays machine-readable).
 struct Output {
     stream: bool,
+    line: Option<indicatif::ProgressBar>,
 }
 
 impl Output {
+    fn new(stream: bool) -> Self {
+        let line = (std::io::stderr().is_terminal()
+            && std::env::var_os("MILLRACER_NO_PROGRESS").is_none())
+        .then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar.set_message("waiting for the worker");
+            bar
+        });
+        Self { stream, line }
+    }
+
+    /// Whether frames are wanted at all (printed, or shown on the progress line).
+    fn wants_frames(&self) -> bool {
+        self.stream || self.line.is_some()
+    }
+
     fn frame_line(&mut self, line: &str) {
+        if let Some(bar) = &self.line
+            && let Ok(frame) = serde_json::from_str::<OpsEventFrame>(line)
+        {
+            bar.set_message(progress_message(&frame));
+        }
         if self.stream {
-            let mut stdout = std::io::stdout().lock();
-            let _ = writeln!(stdout, "{line}");
-            let _ = stdout.flush();
+            let write = || {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}");
+                let _ = stdout.flush();
+            };
+            match &self.line {
+                Some(bar) => bar.suspend(write),
+                None => write(),
+            }
         }
     }
 
     fn frame(&mut self, frame: &OpsEventFrame) {
-        if self.stream {
+        if self.wants_frames() {
             self.frame_line(&frame.to_json_line());
         }
     }
 
     fn result(&mut self, result: &OpsResult) {
+        if let Some(bar) = self.line.take() {
+            bar.finish_and_clear();
+        }
         let mut stdout = std::io::stdout().lock();
         let text = if self.stream {
             result.to_json_line()
@@ -120,6 +166,25 @@ impl Output {
         };
         let _ = writeln!(stdout, "{text}");
         let _ = stdout.flush();
+    }
+}
+
+/// The progress line for a frame: the stage when one runs, the lane position when
+/// waiting, else the frame's own message.
+fn progress_message(frame: &OpsEventFrame) -> String {
+    let p = &frame.payload;
+    match frame.event_type.as_str() {
+        "request.queued" => format!(
+            "queued in lane {} at position {}",
+            p.get("lane").and_then(|v| v.as_str()).unwrap_or("?"),
+            p.get("position").and_then(|v| v.as_u64()).unwrap_or(0)
+        ),
+        "runtime.stage_started" => format!(
+            "{} running on {}",
+            p.get("stage").and_then(|v| v.as_str()).unwrap_or("stage"),
+            p.get("work_item_id").and_then(|v| v.as_str()).unwrap_or("")
+        ),
+        _ => frame.message.clone(),
     }
 }
 
@@ -191,7 +256,22 @@ async fn via_bus(
     )
     .await
     .map_err(|e| BusError::Unavailable(e.to_string()))?;
-    let mut frames = if out.stream {
+    if !ask_any_worker {
+        // `auto`: find a worker first (the NATS micro protocol), so a bus without one
+        // falls back at once.
+        let ping = format!("$SRV.PING.{}", crate::transport::micro::SERVICE_NAME);
+        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(BusError::Unavailable(format!(
+                    "no millracer worker answers on {url}"
+                )));
+            }
+        }
+    }
+    let mut frames = if out.wants_frames() {
         Some(
             client
                 .subscribe(subjects::frames_of_request(&request.request_id))
@@ -210,10 +290,13 @@ async fn via_bus(
         candidates.push(subjects::request_any());
     }
     for subject in candidates {
+        let mut headers = async_nats::HeaderMap::new();
+        crate::telemetry::inject(&tracing::Span::current(), &mut headers);
         let sending = client.send_request(
             subject.clone(),
             async_nats::Request::new()
                 .payload(raw.to_vec().into())
+                .headers(headers)
                 .timeout(timeout),
         );
         tokio::pin!(sending);

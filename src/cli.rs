@@ -27,6 +27,26 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Send one OpsRequest (stdin) and print its OpsResult, like any other adapter.
     Ops(OpsArgs),
+    /// Follow the event frames of every workspace (or one) live, as Mission Control does.
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    /// Keep following frames as they are published (required: frames are live).
+    #[arg(long)]
+    pub follow: bool,
+    /// Only this workspace's frames.
+    #[arg(long)]
+    pub workspace: Option<String>,
+    /// Only this request's frames.
+    #[arg(long)]
+    pub request: Option<String>,
+    /// Print the frames themselves, one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub nats: NatsOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

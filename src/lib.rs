@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod delegation;
 pub mod dispatch;
 pub mod engine;
+pub mod events;
 pub mod intake;
 pub mod ledger;
 pub mod monitor;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use millracer::cli::{Cli, Command};
-use millracer::{bridge, telemetry, worker};
+use millracer::{bridge, events, telemetry, worker};
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -42,6 +42,19 @@ fn main() -> ExitCode {
                 telemetry::init(cli.log_format, "warn", "millracer-ops")
             };
             runtime.block_on(bridge::run(args))
+        }
+        Command::Events(args) => {
+            let _telemetry = {
+                let _enter = runtime.enter();
+                telemetry::init(cli.log_format, "warn", "millracer-events")
+            };
+            match runtime.block_on(events::run(args)) {
+                Ok(()) => 0,
+                Err(err) => {
+                    eprintln!("millracer: error: {err:#}");
+                    1
+                }
+            }
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

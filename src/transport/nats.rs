@@ -58,15 +58,13 @@ pub async fn connect(
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => {
-                    tracing::warn!("disconnected from NATS; reconnecting")
+                    warn_limited("disconnected", "disconnected from NATS; reconnecting")
                 }
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::SlowConsumer(sid) => {
-                    tracing::warn!(
-                        sid,
-                        "slow consumer: NATS dropped messages for a subscription"
-                    )
-                }
+                async_nats::Event::SlowConsumer(_) => warn_limited(
+                    "slow_consumer",
+                    "slow consumer: NATS dropped messages for a subscription",
+                ),
                 other => tracing::debug!(event = %other, "NATS event"),
             }
         });
@@ -202,3 +200,27 @@ pub async fn publish_outbound(
         tracing::warn!(%err, "cannot flush NATS");
     }
 }
+
+/// Warns at most once per [`WARN_EVERY`] per kind, saying how many were held back, so a
+/// flapping link or a flood of slow-consumer events cannot drown the log.
+fn warn_limited(kind: &'static str, message: &'static str) {
+    static SEEN: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<&'static str, (std::time::Instant, u64)>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    match seen.get_mut(kind) {
+        Some((last, held)) if now.duration_since(*last) < WARN_EVERY => *held += 1,
+        Some((last, held)) => {
+            tracing::warn!(suppressed = *held, "{message}");
+            *last = now;
+            *held = 0;
+        }
+        None => {
+            tracing::warn!("{message}");
+            seen.insert(kind, (now, 0));
+        }
+    }
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(30);
