@@ -374,3 +374,135 @@ fn stage_payload(event: &RuntimeEvent, id: &str) -> Map<String, Value> {
     }
     map
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Progress;
+
+    fn event(kind: &str, data: serde_json::Value) -> RuntimeEvent {
+        RuntimeEvent {
+            event_type: kind.to_string(),
+            occurred_at: "2026-11-24T00:00:00+00:00".to_string(),
+            data: data.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn progress() -> (
+        Progress,
+        tokio::sync::mpsc::UnboundedReceiver<crate::progress::Outbound>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Progress::new("r", None, tx, Default::default()), rx)
+    }
+
+    fn card(ws: &Path, family: &str, state: &str, id: &str, text: &str) {
+        let dir = records::agents_dir(ws).join(family).join(state);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(format!("{id}.md")), text).expect("card");
+    }
+
+    #[test]
+    fn idle_before_anything_started_means_nothing_ran() {
+        let ws = tempfile::tempdir().expect("ws");
+        let (p, _rx) = progress();
+        let mut t = Tracker::new(ws.path(), "task-1", IntakeKind::Task);
+        assert_eq!(
+            t.observe(&event("runtime_started", serde_json::json!({})), &p),
+            None
+        );
+        assert_eq!(
+            t.observe(
+                &event(
+                    "runtime_tick_idle",
+                    serde_json::json!({"reason": "no_work"})
+                ),
+                &p
+            ),
+            Some(Verdict::NothingRan)
+        );
+    }
+
+    #[test]
+    fn a_blocked_card_blocks_with_the_failure_class_even_when_status_would_look_early() {
+        let ws = tempfile::tempdir().expect("ws");
+        let (p, _rx) = progress();
+        let mut t = Tracker::new(ws.path(), "task-1", IntakeKind::Task);
+        let started = serde_json::json!({"stage": "checker", "work_item_id": "task-1", "work_item_kind": "task"});
+        t.observe(&event("stage_started", started), &p);
+        t.observe(
+            &event("router_decision", serde_json::json!({"work_item_id": "task-1", "failure_class": "consultant_blocked"})),
+            &p,
+        );
+        // The failure class is known, but the card is still active: not blocked yet.
+        card(ws.path(), "tasks", "active", "task-1", "Task-ID: task-1\n");
+        assert_eq!(t.check_records(false), None);
+        std::fs::remove_file(records::agents_dir(ws.path()).join("tasks/active/task-1.md"))
+            .expect("rm");
+        card(ws.path(), "tasks", "blocked", "task-1", "Task-ID: task-1\n");
+        match t.check_records(false) {
+            Some(Verdict::Blocked {
+                failure_class,
+                evidence,
+            }) => {
+                assert_eq!(failure_class, "consultant_blocked");
+                assert!(
+                    evidence[0]["source"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("tasks/blocked/task-1.md")
+                );
+            }
+            other => panic!("expected blocked, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_probe_completes_only_when_its_derived_task_is_done_and_the_daemon_is_idle() {
+        let ws = tempfile::tempdir().expect("ws");
+        let (p, _rx) = progress();
+        let mut t = Tracker::new(ws.path(), "probe-1", IntakeKind::Probe);
+        card(
+            ws.path(),
+            "probes",
+            "done",
+            "probe-1",
+            "Probe-ID: probe-1\n",
+        );
+        // A generated task named unlike its probe, linked by its card.
+        card(
+            ws.path(),
+            "tasks",
+            "active",
+            "fix-thing",
+            "Task-ID: fix-thing\nRoot-Intake-ID: probe-1\n",
+        );
+        let started = serde_json::json!({"stage": "builder", "work_item_id": "fix-thing", "work_item_kind": "task"});
+        t.observe(&event("stage_started", started), &p);
+        assert!(t.work_items().contains(&"fix-thing".to_string()));
+        assert_eq!(t.check_records(false), None, "a probe waits for idle");
+        assert_eq!(
+            t.check_records(true),
+            None,
+            "its derived task is still active"
+        );
+        std::fs::remove_file(records::agents_dir(ws.path()).join("tasks/active/fix-thing.md"))
+            .expect("rm");
+        card(
+            ws.path(),
+            "tasks",
+            "done",
+            "fix-thing",
+            "Task-ID: fix-thing\nRoot-Intake-ID: probe-1\n",
+        );
+        assert!(matches!(
+            t.check_records(true),
+            Some(Verdict::Completed { .. })
+        ));
+        // Somebody else's task is not ours.
+        let other = serde_json::json!({"stage": "builder", "work_item_id": "other", "work_item_kind": "task"});
+        card(ws.path(), "tasks", "active", "other", "Task-ID: other\n");
+        t.observe(&event("stage_started", other), &p);
+        assert!(!t.work_items().contains(&"other".to_string()));
+    }
+}

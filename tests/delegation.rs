@@ -595,3 +595,104 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
     );
     assert_eq!(out.status.code(), Some(3));
 }
+
+#[test]
+fn a_workspace_lane_holds_across_processes_on_one_host() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    let s = serve(&[("alpha", &ws)], &[]);
+    let root = ws.path().display().to_string();
+    rt().block_on(async {
+        let client = s.nats.client().await;
+        s.worker.wait_ready(&client).await;
+        let first = enqueue(
+            "req-host-1",
+            "alpha",
+            "Fix src/one.py so tests/test_one.py passes",
+            "task",
+        );
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("req-host-1"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let sender = client.clone();
+        let reply = tokio::spawn(async move {
+            sender
+                .send_request(
+                    subjects::request_by_id("alpha"),
+                    async_nats::Request::new()
+                        .payload(first.to_string().into())
+                        .timeout(Some(Duration::from_secs(240))),
+                )
+                .await
+        });
+        let mut first_frames = Vec::new();
+        while let Some(frame) = frames.next().await {
+            let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
+            let started = frame["event_type"] == "runtime.stage_started";
+            first_frames.push(frame);
+            if started {
+                break;
+            }
+        }
+        // Another process (the in-process bridge) changes the same workspace meanwhile.
+        let second = json!({
+            "schema_version": "millracer.ops.v0.2", "request_id": "req-host-2",
+            "workspace_ref": {"root_path": root}, "source": {"kind": "cli"}, "action": "enqueue",
+            "route_preference": "millrace", "intake_preference": "task",
+            "input": {"text": "Fix src/two.py so tests/test_two.py passes"}
+        });
+        let local = tokio::task::spawn_blocking(move || {
+            run_ops(
+                &[
+                    "ops",
+                    "--stream-json",
+                    "--transport",
+                    "local",
+                    "--workspace",
+                    &root,
+                ],
+                &second.to_string(),
+                &[],
+            )
+        });
+        let answer = reply.await.expect("task").expect("first answered");
+        let first_result: Value = serde_json::from_slice(&answer.payload).expect("json");
+        assert_eq!(first_result["status"], "succeeded", "{first_result:#}");
+        while let Ok(Some(frame)) =
+            tokio::time::timeout(Duration::from_secs(2), frames.next()).await
+        {
+            first_frames.push(serde_json::from_slice(&frame.payload).expect("frame"));
+        }
+        let out = local.await.expect("bridge thread");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("line"))
+            .collect();
+        let (second_result, second_frames) = lines.split_last().expect("lines");
+        assert_eq!(second_result["status"], "succeeded", "{second_result:#}");
+        let types = frame_types(second_frames);
+        assert!(
+            types.contains(&"request.waiting"),
+            "the second process waited for the lock: {types:?}"
+        );
+        let at = |frames: &[Value], t: &str| {
+            frames
+                .iter()
+                .find(|f| f["event_type"] == t)
+                .and_then(|f| f["timestamp"].as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert!(
+            at(&first_frames, "request.finished") <= at(second_frames, "request.started"),
+            "never overlapping"
+        );
+    });
+}
