@@ -22,40 +22,36 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Telemetry starts inside the runtime (the gRPC exporter needs it) and is dropped
+    // last, so spans still buffered are flushed before the process exits.
+    let telemetry = |level: &str, service: &str| {
+        let _enter = runtime.enter();
+        telemetry::init(cli.log_format, level, service)
+    };
     let code = match cli.command {
         Command::Worker(args) => {
-            let _telemetry = {
-                let _enter = runtime.enter();
-                telemetry::init(cli.log_format, "info", "millracer-worker")
-            };
-            match runtime.block_on(worker::run(args)) {
-                Ok(()) => 0,
-                Err(err) => {
-                    eprintln!("millracer: error: {err:#}");
-                    1
-                }
-            }
+            let _telemetry = telemetry("info", "millracer-worker");
+            exit_code(runtime.block_on(worker::run(args)))
         }
         Command::Ops(args) => {
-            let _telemetry = {
-                let _enter = runtime.enter();
-                telemetry::init(cli.log_format, "warn", "millracer-ops")
-            };
+            let _telemetry = telemetry("warn", "millracer-ops");
             runtime.block_on(bridge::run(args))
         }
         Command::Events(args) => {
-            let _telemetry = {
-                let _enter = runtime.enter();
-                telemetry::init(cli.log_format, "warn", "millracer-events")
-            };
-            match runtime.block_on(events::run(args)) {
-                Ok(()) => 0,
-                Err(err) => {
-                    eprintln!("millracer: error: {err:#}");
-                    1
-                }
-            }
+            let _telemetry = telemetry("warn", "millracer-events");
+            exit_code(runtime.block_on(events::run(args)))
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// 0, or 1 with the error on stderr in the reference's wording.
+fn exit_code(outcome: anyhow::Result<()>) -> i32 {
+    match outcome {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("millracer: error: {err:#}");
+            1
+        }
+    }
 }
