@@ -108,8 +108,14 @@ impl StatusCache {
             .or_insert_with(|| {
                 let generation = Arc::new(AtomicU64::new(0));
                 let bump = generation.clone();
+                let agents = agents_dir(workspace);
+                // Only the runtime's own files matter; edits elsewhere in the workspace (the
+                // project itself, our intake documents) leave the snapshot current.
                 let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                    if let Ok(event) = event
+                        && !matches!(event.kind, notify::EventKind::Access(_))
+                        && event.paths.iter().any(|p| p.starts_with(&agents))
+                    {
                         bump.fetch_add(1, Ordering::SeqCst);
                     }
                 });
