@@ -154,8 +154,14 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     }
 
     let mut tail = EventTail::from_end(ws);
-    let document = match existing {
-        Some(doc) => doc,
+    // A reused document is queued again only when the runtime has no card for it (an
+    // earlier attempt wrote it but never queued it); an idea's id is not a card id, so a
+    // reused idea is never queued twice.
+    let (document, queue_it) = match existing {
+        Some(doc) => {
+            let unknown = doc.kind != IntakeKind::Idea && records::lifecycle(ws, &doc.id).is_none();
+            (doc, unknown)
+        }
         None => {
             let doc = intake::write(ws, plan.kind, plan.task, plan.scoped, chrono::Utc::now())
                 .map_err(|e| DelegationError::Intake(e.to_string()))?;
@@ -164,28 +170,30 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
                 format!("Intake document written: {}.", doc.path.display()),
                 payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
             );
-            plan.millrace
-                .run_checked(
-                    &[
-                        args(&["queue", doc.kind.queue_command()]),
-                        vec![
-                            doc.path.as_os_str().to_owned(),
-                            "--workspace".into(),
-                            ws_arg.clone(),
-                        ],
-                    ]
-                    .concat(),
-                    plan.cwd,
-                )
-                .await?;
-            progress.info(
-                "runtime.work_item_queued",
-                format!("Queued into Millrace as {} {}.", doc.kind.as_str(), doc.id),
-                payload! {"work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
-            );
-            doc
+            (doc, true)
         }
     };
+    if queue_it {
+        plan.millrace
+            .run_checked(
+                &[
+                    args(&["queue", document.kind.queue_command()]),
+                    vec![
+                        document.path.as_os_str().to_owned(),
+                        "--workspace".into(),
+                        ws_arg.clone(),
+                    ],
+                ]
+                .concat(),
+                plan.cwd,
+            )
+            .await?;
+        progress.info(
+            "runtime.work_item_queued",
+            format!("Queued into Millrace as {} {}.", document.kind.as_str(), document.id),
+            payload! {"work_item_id" => document.id, "intake_kind" => document.kind.as_str(), "path" => document.path.display().to_string()},
+        );
+    }
 
     let mut tracker = Tracker::new(ws, &document.id, document.kind);
     let (wake_tx, mut wake) = mpsc::channel::<()>(1);
