@@ -5,8 +5,10 @@
 //! frames and answers with exactly one OpsResult. See the README for the subject layout.
 
 pub mod actions;
+pub mod agent;
 pub mod bridge;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod contract;
 pub mod daemon;

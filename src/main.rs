@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use millracer::cli::{Cli, Command};
-use millracer::{bridge, logging, worker};
+use millracer::{bridge, commands, logging, worker};
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -36,6 +36,14 @@ fn main() -> ExitCode {
         Command::Ops(args) => {
             logging::init(cli.log_format, "warn");
             runtime.block_on(bridge::run(args))
+        }
+        Command::Run(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime.block_on(commands::run::run(args))
+        }
+        Command::Operator(args) => {
+            logging::init(cli.log_format, "warn");
+            runtime.block_on(commands::operator::run(args))
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

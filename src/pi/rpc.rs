@@ -106,7 +106,7 @@ impl RpcSession {
         if ends_session(&error)
             && let Some(process) = guard.take()
         {
-            tracing::warn!(%error, "closing the pi session; the next turn starts a fresh one");
+            tracing::info!(%error, "closing the pi session; the next turn starts a fresh one");
             process.close_in_background();
         }
         Err(error)
