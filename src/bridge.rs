@@ -6,15 +6,17 @@
 //! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
 
 use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use futures::StreamExt;
 use tracing::Instrument;
 
-use crate::cli::{OpsArgs, Transport, secs};
+use crate::cli::{CommonOptions, NatsOptions, OpsArgs, Transport, secs};
 use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
 use crate::dispatch::{Action, Service, Serving};
+use crate::pi::{PiError, PiRunner, SessionKind};
 use crate::sessions::SessionStore;
 use crate::subjects;
 use crate::transport::nats::{self, Patience};
@@ -26,15 +28,19 @@ pub const EXIT_TIMEOUT: i32 = 4;
 /// How long `auto` and `nats` wait for the broker before deciding there is none.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Why the bus gave no result.
+/// Why a request got no result.
 #[derive(Debug, thiserror::Error)]
-enum BusError {
+pub enum BusError {
+    /// No broker, or no worker answers for the workspace.
     #[error("{0}")]
     Unavailable(String),
     #[error("timed out after {0:?} waiting for the result")]
     Timeout(Duration),
     #[error("{0}")]
     Failed(String),
+    /// The in-process service could not be built (e.g. a `--skill` that does not exist).
+    #[error("{0}")]
+    Setup(String),
 }
 
 pub async fn run(args: OpsArgs) -> i32 {
@@ -54,48 +60,93 @@ pub async fn run(args: OpsArgs) -> i32 {
             return 1;
         }
     };
+    let link = Link {
+        transport: args.transport,
+        nats: args.nats.clone(),
+        timeout: args.timeout.map(secs),
+        workspace: args.workspace.clone(),
+        common: args.common.clone(),
+    };
     let mut out = Output::new(args.stream_json);
+    let want_frames = out.wants_frames();
     let span = tracing::info_span!(
         "ops",
         request_id = %request.request_id,
         action = %request.action,
         transport = ?args.transport,
     );
-    let outcome = async {
-        match args.transport {
-            Transport::Local => Ok(local(&args, &raw, &mut out).await),
-            Transport::Nats => via_bus(&args, &raw, &request, &mut out, true).await,
-            Transport::Auto => match via_bus(&args, &raw, &request, &mut out, false).await {
-                Err(BusError::Unavailable(why)) => {
-                    eprintln!("millracer: note: {why}; running in-process");
-                    Ok(local(&args, &raw, &mut out).await)
-                }
-                other => other,
-            },
-        }
-    }
-    .instrument(span)
-    .await;
-    match outcome {
-        Ok(Some(result)) => {
+    let sent = {
+        let mut on_frame = |frame: FrameIn<'_>| out.frame_line(frame.line);
+        send(&link, &raw, &request, want_frames, &mut on_frame)
+            .instrument(span)
+            .await
+    };
+    match sent {
+        Ok(result) => {
             out.result(&result);
             i32::from(result.status == ResultStatus::Failed)
         }
-        Ok(None) => {
-            eprintln!("millracer: error: no result was produced");
-            1
-        }
-        Err(BusError::Unavailable(why)) => {
-            eprintln!("millracer: error: {why}");
-            EXIT_NO_WORKER
-        }
-        Err(err @ BusError::Timeout(_)) => {
+        Err(err) => {
             eprintln!("millracer: error: {err}");
-            EXIT_TIMEOUT
+            err.exit_code()
         }
-        Err(BusError::Failed(why)) => {
-            eprintln!("millracer: error: {why}");
-            1
+    }
+}
+
+/// Where a request goes: the transport, the bus settings, and what the in-process service
+/// is built from (the CLI workspace and the common options).
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub transport: Transport,
+    pub nats: NatsOptions,
+    /// Give up waiting for a result on the bus after this long (default: wait).
+    pub timeout: Option<Duration>,
+    /// The reference's CLI workspace (`--workspace`).
+    pub workspace: PathBuf,
+    pub common: CommonOptions,
+}
+
+/// One frame on its way to the caller: its JSON line as sent, and the frame when it
+/// could be read.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameIn<'a> {
+    pub line: &'a str,
+    pub frame: Option<&'a OpsEventFrame>,
+}
+
+/// Sends one request the way `ops` does and returns its result: over the bus when a
+/// worker answers for the workspace (`auto`, `nats`), else in-process (`auto` says so on
+/// stderr, `local`). `on_frame` sees the request's frames in order; on the bus only when
+/// `want_frames` (subscribing costs a round trip). `ops`, `run` and `operator` all send
+/// through here, so their work reaches the same dispatch and their frames appear on the
+/// bus like any adapter's.
+pub async fn send(
+    link: &Link,
+    raw: &[u8],
+    request: &OpsRequest,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) -> Result<OpsResult, BusError> {
+    match link.transport {
+        Transport::Local => local(link, raw, on_frame).await,
+        Transport::Nats => via_bus(link, raw, request, want_frames, on_frame, true).await,
+        Transport::Auto => match via_bus(link, raw, request, want_frames, on_frame, false).await {
+            Err(BusError::Unavailable(why)) => {
+                eprintln!("millracer: note: {why}; running in-process");
+                local(link, raw, on_frame).await
+            }
+            other => other,
+        },
+    }
+}
+
+impl BusError {
+    /// The exit code of `ops` for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Unavailable(_) => EXIT_NO_WORKER,
+            Self::Timeout(_) => EXIT_TIMEOUT,
+            Self::Failed(_) | Self::Setup(_) => 1,
         }
     }
 }
@@ -148,12 +199,6 @@ impl Output {
         }
     }
 
-    fn frame(&mut self, frame: &OpsEventFrame) {
-        if self.wants_frames() {
-            self.frame_line(&frame.to_json_line());
-        }
-    }
-
     fn result(&mut self, result: &OpsResult) {
         if let Some(bar) = self.line.take() {
             bar.finish_and_clear();
@@ -189,33 +234,52 @@ fn progress_message(frame: &OpsEventFrame) -> String {
 }
 
 /// The reference's in-process service: one registered workspace `default` at
-/// `--workspace`, any path allowed.
-fn local_service(args: &OpsArgs) -> Service {
-    let root = resolve_path(&args.workspace);
+/// `--workspace`, any path allowed, and a pi runner from the common options.
+pub fn local_service(
+    workspace: &std::path::Path,
+    common: &CommonOptions,
+) -> Result<Service, PiError> {
+    let root = resolve_path(workspace);
     let record = WorkspaceRecord {
         id: "default".to_string(),
         display_name: root
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .or_else(|| Some(root.display().to_string())),
-        default_mode: Some(args.common.millrace_mode.clone()),
+        default_mode: Some(common.millrace_mode.clone()),
         tags: Vec::new(),
         root: root.clone(),
     };
     let registry = Registry::new(vec![record], Some("default".to_string())).unwrap_or_default();
-    Service {
+    let pi = PiRunner::new(common.pi_config(SessionKind::Rpc, Some(&root))?);
+    Ok(Service {
         registry,
         serving: Serving::AnyPath,
         cli_workspace: Some(root),
-        millrace: args.common.millrace(),
+        millrace: common.millrace(),
         sessions: SessionStore::new(SessionStore::default_path()),
-        settings: args.common.settings(),
+        settings: common.settings(),
         status_cache: None,
-    }
+        pi: Some(pi),
+    })
 }
 
-async fn local(args: &OpsArgs, raw: &[u8], out: &mut Output) -> Option<OpsResult> {
-    crate::transport::local::run_once(local_service(args), raw, |frame| out.frame(frame)).await
+async fn local(
+    link: &Link,
+    raw: &[u8],
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) -> Result<OpsResult, BusError> {
+    let service =
+        local_service(&link.workspace, &link.common).map_err(|e| BusError::Setup(e.to_string()))?;
+    crate::transport::local::run_once(service, raw, |frame| {
+        let line = frame.to_json_line();
+        on_frame(FrameIn {
+            line: &line,
+            frame: Some(frame),
+        });
+    })
+    .await
+    .ok_or_else(|| BusError::Failed("no result was produced".to_string()))
 }
 
 /// Request subjects to try, most specific first.
@@ -241,15 +305,16 @@ fn candidate_subjects(request: &OpsRequest, cli_workspace: &std::path::Path) -> 
 }
 
 async fn via_bus(
-    args: &OpsArgs,
+    link: &Link,
     raw: &[u8],
     request: &OpsRequest,
-    out: &mut Output,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
     ask_any_worker: bool,
-) -> Result<Option<OpsResult>, BusError> {
-    let url = nats::url(&args.nats, None);
+) -> Result<OpsResult, BusError> {
+    let url = nats::url(&link.nats, None);
     let client = nats::connect(
-        &args.nats,
+        &link.nats,
         &url,
         "millracer-ops",
         Patience::Once(CONNECT_PATIENCE),
@@ -271,7 +336,7 @@ async fn via_bus(
             }
         }
     }
-    let mut frames = if out.wants_frames() {
+    let mut frames = if want_frames {
         Some(
             client
                 .subscribe(subjects::frames_of_request(&request.request_id))
@@ -281,9 +346,9 @@ async fn via_bus(
     } else {
         None
     };
-    let timeout = args.timeout.map(secs);
+    let timeout = link.timeout;
     let mut reply = None;
-    let mut candidates = candidate_subjects(request, &args.workspace);
+    let mut candidates = candidate_subjects(request, &link.workspace);
     // With the bus required, a workspace no worker serves still gets an answer from any
     // worker there is: a clear `workspace_not_served` result rather than silence.
     if ask_any_worker && !candidates.contains(&subjects::request_any()) {
@@ -303,9 +368,7 @@ async fn via_bus(
         let answer = loop {
             tokio::select! {
                 answer = &mut sending => break answer,
-                Some(message) = next_frame(&mut frames) => {
-                    out.frame_line(&String::from_utf8_lossy(&message.payload));
-                }
+                Some(message) = next_frame(&mut frames) => deliver(&message, on_frame),
             }
         };
         match answer {
@@ -323,7 +386,7 @@ async fn via_bus(
     let Some(reply) = reply else {
         return Err(BusError::Unavailable(format!(
             "no worker on {url} answers for {}",
-            describe_target(request, &args.workspace)
+            describe_target(request, &link.workspace)
         )));
     };
     let result: OpsResult = serde_json::from_slice(&reply.payload)
@@ -334,7 +397,7 @@ async fn via_bus(
         while let Ok(Some(message)) =
             tokio::time::timeout(Duration::from_millis(500), frames.next()).await
         {
-            out.frame_line(&String::from_utf8_lossy(&message.payload));
+            deliver(&message, on_frame);
             let finished = message
                 .headers
                 .as_ref()
@@ -345,7 +408,16 @@ async fn via_bus(
             }
         }
     }
-    Ok(Some(result))
+    Ok(result)
+}
+
+fn deliver(message: &async_nats::Message, on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send)) {
+    let line = String::from_utf8_lossy(&message.payload);
+    let frame = serde_json::from_slice::<OpsEventFrame>(&message.payload).ok();
+    on_frame(FrameIn {
+        line: &line,
+        frame: frame.as_ref(),
+    });
 }
 
 async fn next_frame(frames: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {

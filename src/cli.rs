@@ -1,5 +1,5 @@
-//! The command line: `millracer worker` and `millracer ops`, with the reference's common
-//! options and defaults.
+//! The command line: `millracer worker`, `ops`, `run` and `operator`, with the
+//! reference's common options and defaults.
 
 use std::path::PathBuf;
 
@@ -29,6 +29,11 @@ pub enum Command {
     Ops(OpsArgs),
     /// Follow the event frames of every workspace (or one) live, as Mission Control does.
     Events(EventsArgs),
+    /// Run one task in plain language: pi decides, works directly or delegates to
+    /// Millrace, and reports the real outcome.
+    Run(RunArgs),
+    /// A persistent session to type tasks into (one pi conversation for all of them).
+    Operator(OperatorArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -152,6 +157,12 @@ pub struct WorkerArgs {
     /// it is younger than this (a dying daemon changes no file).
     #[arg(long, default_value_t = 2.0)]
     pub status_max_age_seconds: f64,
+    /// Give the worker a pi runner: `enqueue` with route `auto` then asks pi for the
+    /// decision, `direct` has pi do the work, and pi writes the final answer (as the
+    /// reference's enqueue does). Without it (or `[pi] enabled = true` in --config) the
+    /// worker runs no model.
+    #[arg(long)]
+    pub pi_runner: bool,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]
@@ -190,7 +201,86 @@ pub struct OpsArgs {
     pub common: CommonOptions,
 }
 
+/// `run --pi-session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PiSessionArg {
+    /// One long-lived `pi --mode rpc` for every turn.
+    Rpc,
+    /// One `pi --print` per turn.
+    Print,
+}
+
+/// `run --output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Warnings on stderr, the final answer on stdout.
+    Text,
+    /// The reference's RunResult document.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The task (words joined with spaces); read from stdin when none is given.
+    pub task: Vec<String>,
+    /// Read a legacy JSON request from stdin (`task`/`prompt`/`instructions`,
+    /// `workspace`, `scoped_work_item`/`work_item`/`scope`, `intake_kind`, `metadata`).
+    #[arg(long)]
+    pub benchmark_json: bool,
+    #[arg(long, value_enum, default_value_t = PiSessionArg::Rpc)]
+    pub pi_session: PiSessionArg,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Workspace root and default working directory.
+    #[arg(long, default_value = ".")]
+    pub workspace: PathBuf,
+    /// How delegated work reaches the dispatch (as for `ops`).
+    #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
+    pub transport: Transport,
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OperatorArgs {
+    /// Workspace root and default working directory.
+    #[arg(long, default_value = ".")]
+    pub workspace: PathBuf,
+    /// How delegated work reaches the dispatch (as for `ops`).
+    #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
+    pub transport: Transport,
+    #[command(flatten)]
+    pub nats: NatsOptions,
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
 impl CommonOptions {
+    /// How pi runs, from these options. `workspace` is where default skills are also
+    /// looked for. Fails when a `--skill` path does not exist.
+    pub fn pi_config(
+        &self,
+        kind: crate::pi::SessionKind,
+        workspace: Option<&std::path::Path>,
+    ) -> Result<crate::pi::PiConfig, crate::pi::PiError> {
+        Ok(crate::pi::PiConfig {
+            command: self.pi_command.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            thinking: Some(self.thinking.clone()).filter(|t| !t.is_empty()),
+            skills: crate::pi::resolve_skills(&self.skills, self.no_default_skills, workspace)?,
+            turn_timeout: self
+                .pi_timeout_seconds
+                .map_or(crate::pi::DEFAULT_TURN_TIMEOUT, |s| {
+                    std::time::Duration::from_secs(s.max(1))
+                }),
+            kind,
+            env: Vec::new(),
+        })
+    }
+
     /// `--notify-terminal-stages` is on unless `--no-notify-terminal-stages` came last.
     pub fn notify(&self) -> bool {
         !self.no_notify_terminal_stages

@@ -11,6 +11,16 @@
 //! default_mode = "default_pi" # default: --millrace-mode
 //! tags = ["team-a"]
 //! default = true              # the workspace for requests that name none
+//!
+//! [pi]                        # a pi runner for the natural-language route (optional)
+//! enabled = true              # same as --pi-runner
+//! command = "pi"              # each key defaults to the command-line option
+//! provider = "openai"
+//! model = "gpt-5"
+//! thinking = "high"
+//! skills = ["/srv/skills/millrace-ops-agent-manual"]
+//! timeout_seconds = 600
+//! session = "rpc"             # or "print"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -27,6 +37,66 @@ pub struct ConfigFile {
     pub nats: NatsSection,
     #[serde(default, rename = "workspace")]
     pub workspaces: Vec<WorkspaceEntry>,
+    #[serde(default)]
+    pub pi: PiSection,
+}
+
+/// `[pi]`: the worker's pi runner. Unset keys fall back to the command-line options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiSection {
+    #[serde(default)]
+    pub enabled: bool,
+    pub command: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub thinking: Option<String>,
+    #[serde(default)]
+    pub skills: Vec<PathBuf>,
+    pub timeout_seconds: Option<u64>,
+    pub session: Option<PiSessionName>,
+}
+
+/// `[pi] session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PiSessionName {
+    Rpc,
+    Print,
+}
+
+impl PiSection {
+    /// The worker's pi configuration: this section over the command-line options.
+    pub fn apply(
+        &self,
+        mut base: crate::pi::PiConfig,
+        workspace: Option<&Path>,
+    ) -> Result<crate::pi::PiConfig, crate::pi::PiError> {
+        if let Some(command) = &self.command {
+            base.command = command.clone();
+        }
+        if self.provider.is_some() {
+            base.provider = self.provider.clone();
+        }
+        if self.model.is_some() {
+            base.model = self.model.clone();
+        }
+        if let Some(thinking) = &self.thinking {
+            base.thinking = Some(thinking.clone()).filter(|t| !t.is_empty());
+        }
+        if !self.skills.is_empty() {
+            base.skills = crate::pi::resolve_skills(&self.skills, true, workspace)?;
+        }
+        if let Some(seconds) = self.timeout_seconds {
+            base.turn_timeout = std::time::Duration::from_secs(seconds.max(1));
+        }
+        match self.session {
+            Some(PiSessionName::Print) => base.kind = crate::pi::SessionKind::Print,
+            Some(PiSessionName::Rpc) => base.kind = crate::pi::SessionKind::Rpc,
+            None => {}
+        }
+        Ok(base)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,5 +264,16 @@ mod tests {
             Err(ConfigError::NotADirectory { .. })
         ));
         assert!(toml::from_str::<ConfigFile>("bogus = 1").is_err());
+        let file: ConfigFile =
+            toml::from_str("[pi]\nenabled = true\nsession = \"print\"\nmodel = \"m\"\n")
+                .expect("pi section");
+        let config = file
+            .pi
+            .apply(crate::pi::PiConfig::default(), None)
+            .expect("apply");
+        assert!(file.pi.enabled);
+        assert_eq!(config.kind, crate::pi::SessionKind::Print);
+        assert_eq!(config.model.as_deref(), Some("m"));
+        assert_eq!(config.command, "pi");
     }
 }

@@ -95,6 +95,10 @@ pub struct Service {
     pub settings: Settings,
     /// Status snapshots shared by requests (a worker); `None` asks the runtime each time.
     pub status_cache: Option<crate::status_cache::StatusCache>,
+    /// The pi runner for the natural-language route (`enqueue` with route `auto` or
+    /// `direct`). A worker has one only when configured (`--pi-runner`, `[pi]`); the
+    /// in-process bridge builds one from the common options, as the reference does.
+    pub pi: Option<crate::pi::PiRunner>,
 }
 
 /// What the engine needs to know before running a request: decided synchronously, on

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use millracer::cli::{Cli, Command};
-use millracer::{bridge, events, telemetry, worker};
+use millracer::{bridge, commands, events, telemetry, worker};
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -40,6 +40,14 @@ fn main() -> ExitCode {
         Command::Events(args) => {
             let _telemetry = telemetry("warn", "millracer-events");
             exit_code(runtime.block_on(events::run(args)))
+        }
+        Command::Run(args) => {
+            let _telemetry = telemetry("warn", "millracer-run");
+            runtime.block_on(commands::run::run(args))
+        }
+        Command::Operator(args) => {
+            let _telemetry = telemetry("warn", "millracer-operator");
+            runtime.block_on(commands::operator::run(args))
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

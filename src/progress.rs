@@ -51,6 +51,22 @@ pub enum Outbound {
     },
 }
 
+/// A listener that sees every frame of a request as it is emitted (the outer agent uses
+/// one to turn stage events into progress notes for pi).
+pub struct Tap(Box<dyn Fn(&OpsEventFrame) + Send + Sync>);
+
+impl Tap {
+    pub fn new(f: impl Fn(&OpsEventFrame) + Send + Sync + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
+}
+
 /// Emits the frames of one request, numbered 1, 2, 3 … without gaps. Numbering and
 /// sending happen under one lock so frames leave in sequence order even when emitted
 /// from several tasks.
@@ -61,6 +77,7 @@ pub struct Progress {
     state: Mutex<u64>,
     out: UnboundedSender<Outbound>,
     trace: Arc<TraceContext>,
+    tap: Mutex<Option<Tap>>,
 }
 
 impl Progress {
@@ -76,12 +93,23 @@ impl Progress {
             state: Mutex::new(0),
             out,
             trace: Arc::new(trace),
+            tap: Mutex::new(None),
         }
     }
 
     /// The trace context the request's messages carry.
     pub fn trace(&self) -> Arc<TraceContext> {
         self.trace.clone()
+    }
+
+    /// Lets `tap` see every frame emitted from now on, until [`Progress::clear_tap`].
+    pub fn set_tap(&self, tap: Tap) {
+        *self.tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(tap);
+    }
+
+    /// Removes the tap (dropping it, and whatever it owns).
+    pub fn clear_tap(&self) {
+        self.tap.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     pub fn request_id(&self) -> &str {
@@ -110,6 +138,9 @@ impl Progress {
             message,
             payload,
         );
+        if let Some(tap) = self.tap.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            (tap.0)(&frame);
+        }
         // A closed channel means the process is going away; the frame has nowhere to go.
         let _ = self.out.send(Outbound::Frame {
             workspace: self.workspace.clone(),

@@ -57,7 +57,22 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
                 .join(","),
         )]),
     ));
+    let pi = if args.pi_runner || file.as_ref().is_some_and(|f| f.pi.enabled) {
+        let default_root = registry.default_record().map(|r| r.root.clone());
+        let base = args
+            .common
+            .pi_config(crate::pi::SessionKind::Rpc, default_root.as_deref())?;
+        let config = match &file {
+            Some(file) => file.pi.apply(base, default_root.as_deref())?,
+            None => base,
+        };
+        tracing::info!(command = %config.command, kind = ?config.kind, "pi runner configured");
+        Some(crate::pi::PiRunner::new(config))
+    } else {
+        None
+    };
     let service = Service {
+        pi,
         cli_workspace: registry.default_record().map(|r| r.root.clone()),
         registry,
         serving: Serving::Registered,

@@ -1,17 +1,34 @@
-//! `enqueue`: delegated work on the real runtime (see [`crate::delegation`]).
+//! `enqueue`: a task, direct or delegated to the real runtime (see [`crate::delegation`]).
 //!
-//! Route `millrace` delegates; route `auto` without a pi runner delegates with the
-//! reference's deterministic intake fallback; route `direct` needs a pi runner, which
-//! this build does not drive, and is refused clearly. The mode is the request's, else the
-//! workspace's default, else `--millrace-mode` (the reference silently forces
-//! `default_pi`). The result is shaped as the reference shapes it.
+//! With a pi runner (a worker started with `--pi-runner`, or the in-process bridge), the
+//! route is the reference's natural-language route ([`crate::agent`]): `auto` asks pi for
+//! the decision, `direct` has pi do the work, a delegated run sends pi progress notes and
+//! ends with pi's final answer. Without one, route `millrace` (and `auto`, with the
+//! reference's deterministic intake fallback) delegates and the answer is Millracer's
+//! summary of the runtime's records; `direct` is refused (`runner_unavailable`).
+//!
+//! A caller that is itself the outer agent (`millracer run`/`operator`, which hold their
+//! own pi conversation) says so with `options.outer_agent = "caller"`: then this process
+//! runs no pi turn for the request, as if it had no runner.
+//!
+//! The mode is the one pi named, else the request's, else the workspace's default, else
+//! `--millrace-mode` (the reference silently forces `default_pi`). The result has the
+//! reference's shape (`_ops_result_from_run_result`), with one defect fixed: a successful
+//! direct route is `succeeded` (the reference reports it `failed` with no error).
+
+use std::path::Path;
 
 use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
 
 use super::Context;
+use crate::agent::{self, AgentError, Delegate, Delegated, Job};
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
+use crate::decision::Decision;
 use crate::delegation::{self, DelegationError, Outcome};
-use crate::intake::{self, IntakeDecision, IntakeKind};
+use crate::intake::{self, IntakeKind};
+use crate::legacy::{LegacyEvent, RunResult};
+use crate::progress::Tap;
 use crate::runtime::command_cwd;
 use crate::subjects;
 
@@ -35,6 +52,9 @@ pub fn task_text(input: &Map<String, Value>) -> Option<String> {
     }
 }
 
+/// `options.outer_agent`: who holds the pi conversation for this request.
+pub const OUTER_AGENT_OPTION: &str = "outer_agent";
+
 pub async fn run(cx: Context<'_>) -> OpsResult {
     let Some(task) = task_text(&cx.request.input) else {
         return cx.failure(Record::error(
@@ -52,17 +72,13 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         r @ ("auto" | "direct" | "millrace") => r,
         _ => "auto",
     };
-    if route == "direct" {
-        return cx.failure(
-            Record::error(
-                "runner_unavailable",
-                "enqueue with route direct needs a pi runner, and this process has none configured.",
-            )
-            .suggest("Use route_preference millrace (or auto) to delegate to the Millrace runtime."),
-        );
-    }
-    let forced = IntakeKind::parse(&cx.request.intake_preference);
-    let decision = intake::choose(&task, forced, None);
+    let caller_is_agent = cx
+        .request
+        .options
+        .get(OUTER_AGENT_OPTION)
+        .and_then(Value::as_str)
+        == Some("caller");
+    let pi = cx.service.pi.as_ref().filter(|_| !caller_is_agent);
     let settings = &cx.service.settings;
     let mode = cx
         .resolution
@@ -70,100 +86,229 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         .clone()
         .unwrap_or_else(|| settings.millrace_mode.clone());
     let cwd = command_cwd(settings.cwd.as_deref(), &root);
-    let plan = delegation::Plan {
-        millrace: &cx.service.millrace,
-        workspace: &root,
+    let forced = IntakeKind::parse(&cx.request.intake_preference);
+    let delegate = InProcess {
+        cx: &cx,
+        root: &root,
         cwd: &cwd,
         mode: &mode,
-        task: &task,
-        kind: decision.kind,
+    };
+
+    let Some(runner) = pi else {
+        if route == "direct" {
+            return cx.failure(
+                Record::error(
+                    "runner_unavailable",
+                    "enqueue with route direct needs a pi runner, and this process has none configured.",
+                )
+                .suggest("Use route_preference millrace (or auto) to delegate to the Millrace runtime, or start the worker with --pi-runner."),
+            );
+        }
+        return without_pi(&cx, &task, route, forced, &mode, delegate).await;
+    };
+    let session = runner.session(&cwd);
+    let options = agent::Options {
+        workspace: &root,
+        route,
+        intake: forced,
         scoped: cx.request.scoped_work_item.as_ref(),
-        daemon_timeout: settings.daemon_timeout,
-        max_restarts: settings.max_daemon_restarts,
-        keep_daemon: settings.keep_daemon,
-        log_name: subjects::token(&cx.request.request_id),
+        notify: settings.notify_terminal_stages,
     };
-    let outcome = delegation::run(&plan, cx.progress).await;
-    if let Some(cache) = &cx.service.status_cache {
-        cache.invalidate(&root);
-    }
+    let outcome = agent::run(&session, &task, &options, delegate).await;
+    session.close().await;
     match outcome {
-        Ok(outcome) => shape(&cx, route, &task, &mode, &decision, outcome),
-        Err(err) => delegation_failure(&cx, &err),
+        Ok(run) => ops_result(&cx, &task, &run),
+        Err(err) => cx.failure(err.record()),
     }
 }
 
-fn delegation_failure(cx: &Context<'_>, err: &DelegationError) -> OpsResult {
-    let mut record = Record::error(err.code(), err.to_string());
-    if matches!(err, DelegationError::Timeout(_)) {
-        record =
-            record.suggest("Raise --daemon-timeout-seconds, or inspect the workspace with status.");
-    }
-    cx.failure(record)
-}
-
-/// The reference's result for a delegated run, from our outcome.
-fn shape(
+/// Delegation with the deterministic intake fallback; the answer is the summary.
+async fn without_pi(
     cx: &Context<'_>,
-    route: &str,
     task: &str,
+    route: &str,
+    forced: Option<IntakeKind>,
     mode: &str,
-    decision: &IntakeDecision,
-    outcome: Outcome,
+    delegate: InProcess<'_, '_>,
 ) -> OpsResult {
-    let status = match outcome.outcome.as_str() {
-        "completed" if outcome.scoped_completion => ResultStatus::Succeeded,
-        "blocked" => ResultStatus::Blocked,
-        "incomplete" => ResultStatus::Incomplete,
-        _ => ResultStatus::Failed,
+    let intake = intake::choose(task, forced, None);
+    let mut decision = Decision::forced("millrace");
+    decision.mode = mode.to_string();
+    if route != "millrace" {
+        decision.why = "no pi runner: delegated with the deterministic intake fallback".to_string();
+    }
+    let job = Job {
+        task,
+        kind: intake.kind,
+        mode: None,
+        scoped: cx.request.scoped_work_item.as_ref(),
     };
-    let output = summary(&outcome);
-    let event = json!({
-        "kind": outcome.event.kind,
-        "workspace": cx.resolution.root.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        "reason": outcome.event.reason,
-    });
-    let task_path = delegation::task_path(&outcome).map(|p| p.display().to_string());
-    let status_value = outcome.status.clone().map_or(Value::Null, Value::Object);
-    let mut result = OpsResult::new(
-        &cx.request.request_id,
-        &cx.request.action,
-        status,
-        cx.resolution.workspace_ref(&cx.request.workspace_ref),
-        cx.started_at.clone(),
-    );
-    result.result = json_object(json!({
-        "task": task,
-        "output": output,
-        "event": event,
-        "task_path": task_path,
-        "status": status_value,
-        "work_items": outcome.work_items,
-    }));
-    result.route = Some("millrace".to_string());
-    result.intake_kind = Some(decision.kind.as_str().to_string());
-    result.scoped_work_item = cx.request.scoped_work_item.clone();
-    result.warnings = outcome
-        .warnings
-        .iter()
-        .map(|w| Record::warning("runtime_warning", w.clone()))
-        .collect();
-    result.evidence_refs = outcome
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let delegated = match delegate.delegate(job, tx).await {
+        Ok(delegated) => delegated,
+        Err(err) => return cx.failure(err.record()),
+    };
+    let run = RunResult {
+        route: "millrace".to_string(),
+        decision,
+        output: delegated.summary.clone(),
+        intake_kind: intake.kind,
+        intake_signals: intake.signals,
+        event: Some(delegated.event),
+        task_path: delegated.task_path,
+        status: delegated.status,
+        warnings: delegated.warnings,
+        scoped_work_item: cx.request.scoped_work_item.clone(),
+        progress_events: Vec::new(),
+        outcome: delegated.outcome,
+        scoped_completion: delegated.scoped_completion,
+        completion_evidence: delegated.evidence,
+        work_items: Some(delegated.work_items),
+        evidence_refs: delegated.evidence_refs,
+    };
+    ops_result(cx, task, &run)
+}
+
+/// Delegation inside this process: [`delegation::run`] with this request's frames, whose
+/// meaningful stage events also become progress notes.
+struct InProcess<'a, 'b> {
+    cx: &'a Context<'b>,
+    root: &'a Path,
+    cwd: &'a Path,
+    mode: &'a str,
+}
+
+impl Delegate for InProcess<'_, '_> {
+    async fn delegate(
+        self,
+        job: Job<'_>,
+        notes: mpsc::UnboundedSender<LegacyEvent>,
+    ) -> Result<Delegated, AgentError> {
+        let mode = job.mode.unwrap_or(self.mode);
+        let settings = &self.cx.service.settings;
+        let plan = delegation::Plan {
+            millrace: &self.cx.service.millrace,
+            workspace: self.root,
+            cwd: self.cwd,
+            mode,
+            task: job.task,
+            kind: job.kind,
+            scoped: job.scoped,
+            daemon_timeout: settings.daemon_timeout,
+            max_restarts: settings.max_daemon_restarts,
+            keep_daemon: settings.keep_daemon,
+            log_name: subjects::token(&self.cx.request.request_id),
+        };
+        let workspace = self.root.display().to_string();
+        let progress = self.cx.progress;
+        progress.set_tap(Tap::new(move |frame| {
+            if let Some(note) = agent::progress_note(frame, &workspace) {
+                let _ = notes.send(note);
+            }
+        }));
+        let outcome = delegation::run(&plan, progress).await;
+        // Dropping the tap drops the notes sender: the agent's note loop ends.
+        progress.clear_tap();
+        if let Some(cache) = &self.cx.service.status_cache {
+            cache.invalidate(self.root);
+        }
+        match outcome {
+            Ok(outcome) => Ok(delegated(self.root, outcome)),
+            Err(err) => Err(AgentError::delegation(delegation_record(&err))),
+        }
+    }
+}
+
+fn delegation_record(err: &DelegationError) -> Record {
+    let record = Record::error(err.code(), err.to_string());
+    if matches!(err, DelegationError::Timeout(_)) {
+        record.suggest("Raise --daemon-timeout-seconds, or inspect the workspace with status.")
+    } else {
+        record
+    }
+}
+
+/// Our outcome in the agent's terms.
+fn delegated(root: &Path, outcome: Outcome) -> Delegated {
+    let mut evidence_refs: Vec<String> = outcome
         .evidence
         .iter()
         .filter_map(|e| e.get("source").and_then(Value::as_str).map(str::to_string))
         .collect();
-    result.evidence_refs.dedup();
-    result.completion = Some(Completion {
-        outcome: outcome.outcome.clone(),
+    evidence_refs.dedup();
+    Delegated {
+        summary: summary(&outcome),
+        event: LegacyEvent {
+            kind: outcome.event.kind.clone(),
+            workspace: root.display().to_string(),
+            reason: outcome.event.reason.clone(),
+        },
+        task_path: delegation::task_path(&outcome).map(|p| p.display().to_string()),
+        outcome: outcome.outcome,
         scoped_completion: outcome.scoped_completion,
-        evidence_summary: outcome.evidence.clone(),
-        missing_evidence: if outcome.scoped_completion {
+        status: outcome.status,
+        evidence: outcome.evidence,
+        warnings: outcome.warnings,
+        work_items: outcome.work_items,
+        evidence_refs,
+    }
+}
+
+/// The reference's `_status_for_outcome`, with a successful direct route `succeeded`.
+fn status_for(run: &RunResult) -> ResultStatus {
+    match run.outcome.as_str() {
+        "completed" if run.route == "direct" || run.scoped_completion => ResultStatus::Succeeded,
+        "blocked" => ResultStatus::Blocked,
+        "incomplete" => ResultStatus::Incomplete,
+        _ => ResultStatus::Failed,
+    }
+}
+
+/// The reference's `_ops_result_from_run_result`.
+pub fn ops_result(cx: &Context<'_>, task: &str, run: &RunResult) -> OpsResult {
+    let mut result = OpsResult::new(
+        &cx.request.request_id,
+        &cx.request.action,
+        status_for(run),
+        cx.resolution.workspace_ref(&cx.request.workspace_ref),
+        cx.started_at.clone(),
+    );
+    let mut body = json!({
+        "task": task,
+        "output": run.output,
+        "event": run.event.as_ref().map(LegacyEvent::to_json),
+        "task_path": run.task_path,
+        "status": run.status,
+    });
+    if let (Some(items), Some(map)) = (&run.work_items, body.as_object_mut()) {
+        map.insert("work_items".to_string(), json!(items));
+    }
+    result.result = match body {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    result.route = Some(run.route.clone());
+    result.intake_kind = Some(run.intake_kind.as_str().to_string());
+    result.scoped_work_item = run
+        .scoped_work_item
+        .clone()
+        .or_else(|| cx.request.scoped_work_item.clone());
+    result.warnings = run
+        .warnings
+        .iter()
+        .map(|w| Record::warning("runtime_warning", w.clone()))
+        .collect();
+    result.evidence_refs = run.evidence_refs.clone();
+    result.completion = Some(Completion {
+        outcome: run.outcome.clone(),
+        scoped_completion: run.scoped_completion,
+        evidence_summary: run.completion_evidence.clone(),
+        missing_evidence: if run.scoped_completion {
             Vec::new()
         } else {
             vec!["positive scoped completion evidence".to_string()]
         },
-        verification_status: if outcome.scoped_completion {
+        verification_status: if run.scoped_completion {
             "verified"
         } else {
             "unverified"
@@ -171,43 +316,10 @@ fn shape(
         .to_string(),
         terminal_outcome_ref: None,
     });
-    let why = if route == "millrace" {
-        "route forced by --route millrace".to_string()
-    } else {
-        "no pi runner configured: delegated with the deterministic intake fallback".to_string()
-    };
-    result.raw_compat = Some(json_object(json!({
-        "route": "millrace",
-        "intake_kind": decision.kind.as_str(),
-        "intake_signals": decision.signals,
-        "decision": {
-            "route": "millrace",
-            "intake_kind": Value::Null,
-            "why": why,
-            "mode": mode,
-            "custom_loop_needed": false,
-            "signals": decision.signals,
-            "notes": Value::Null,
-        },
-        "output": result.result.get("output").cloned().unwrap_or(Value::Null),
-        "event": event,
-        "task_path": task_path,
-        "status": status_value,
-        "warnings": outcome.warnings,
-        "outcome": outcome.outcome,
-        "scoped_completion": outcome.scoped_completion,
-        "completion_evidence": outcome.evidence,
-        "scoped_work_item": cx.request.scoped_work_item,
-        "progress_events": Vec::<Value>::new(),
-    })));
-    result
-}
-
-fn json_object(value: Value) -> Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => Map::new(),
+    if let Value::Object(map) = run.to_json() {
+        result.raw_compat = Some(map);
     }
+    result
 }
 
 /// The final answer when no pi runner writes one: what happened, from the records.
