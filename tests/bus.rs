@@ -32,13 +32,15 @@ fn without_times(mut v: Value) -> Value {
 
 /// Sends raw bytes as a core NATS request and parses the answer.
 async fn raw_request(client: &async_nats::Client, subject: String, payload: Vec<u8>) -> Value {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(subject, payload.into()),
-    )
-    .await
-    .expect("answer within 30 s")
-    .expect("request succeeds");
+    let reply = client
+        .send_request(
+            subject,
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("answered within 30 s");
     let value = parse(&reply.payload);
     assert_valid("result", &value);
     value

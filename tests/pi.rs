@@ -743,7 +743,13 @@ fn a_worker_with_a_pi_runner_decides_works_directly_and_finalizes_delegated_work
             async move {
                 let reply = tokio::time::timeout(
                     Duration::from_secs(180),
-                    client.request(subjects::request_by_id("alpha"), request.to_string().into()),
+                    // Core request/reply's default 10 s is too short for pi turns.
+                    client.send_request(
+                        subjects::request_by_id("alpha"),
+                        async_nats::Request::new()
+                            .payload(request.to_string().into())
+                            .timeout(Some(Duration::from_secs(170))),
+                    ),
                 )
                 .await
                 .expect("answer in time")
