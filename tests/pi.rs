@@ -825,3 +825,103 @@ fn a_worker_with_a_pi_runner_decides_works_directly_and_finalizes_delegated_work
         .collect();
     assert_eq!(decisions, [2, 2], "{}", server.summary());
 }
+
+#[test]
+fn operator_delegates_in_process_without_a_worker_and_keeps_the_conversation() {
+    let mut replies = vec![decision_reply_for(
+        "src/app.py",
+        json!({"decision": "millrace", "intake_kind": "task", "why": "Staged work with checks."}),
+    )];
+    replies.extend(
+        delegating_script("Delegated fix done.")[1..]
+            .iter()
+            .cloned(),
+    );
+    replies.push(decision_reply_for(
+        "status line",
+        json!({"decision": "direct", "why": "A summary."}),
+    ));
+    replies.push(json!({"when": "Handle this task directly", "text": "All good."}));
+    let server = ModelServer::start(json!({ "replies": replies }));
+    let home = PiHome::new(&server, None);
+    let ws = StandInWorkspace::new(json!({}));
+    let root = ws.path().display().to_string();
+    let run_args: Vec<String> = [
+        "operator",
+        "--pi-command",
+        &pi_bin().display().to_string(),
+        "--workspace",
+        &root,
+        // No broker there: `auto` runs the delegated request in-process.
+        "--nats-url",
+        "nats://127.0.0.1:1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = millracer(
+        &run_args,
+        "Fix src/app.py so tests/test_app.py passes\nGive me a status line\n/quit\n",
+        &home,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out, &server));
+    assert_eq!(
+        text(&out.stdout),
+        "millracer> Delegated fix done.\nmillracer> All good.\nmillracer> ",
+        "{}",
+        explain(&out, &server)
+    );
+    assert!(
+        text(&out.stderr).contains("; running in-process"),
+        "{}",
+        explain(&out, &server)
+    );
+    let stages: Vec<String> = ws
+        .calls()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(stages, ["builder", "checker", "updater"]);
+    // Decision, notes, finalization, then the next task: one growing conversation.
+    let counts = message_counts(&server);
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 2),
+        "{}",
+        server.summary()
+    );
+    assert!(
+        last_texts(&server)
+            .iter()
+            .any(|t| t.starts_with("Millrace emitted this terminal event"))
+    );
+}
+
+#[test]
+fn ops_in_process_has_a_pi_runner_for_direct_work() {
+    let server = ModelServer::start(json!({"replies": [
+        {"when": "Handle this task directly", "text": "Direct answer."},
+    ]}));
+    let home = PiHome::new(&server, None);
+    let mut request = request_json(
+        "req-ops-direct",
+        "enqueue",
+        json!({}),
+        json!({"kind": "natural_language", "text": "Answer directly"}),
+    );
+    request["route_preference"] = json!("direct");
+    let out = millracer(
+        &args("ops", &home, &pi_bin(), &["--json"]),
+        &request.to_string(),
+        &home,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out, &server));
+    let result = json_of(&out, &server);
+    assert_valid("result", &result);
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["route"], "direct");
+    assert_eq!(result["result"]["output"], "Direct answer.");
+    assert_eq!(
+        result["raw_compat"]["decision"]["why"],
+        "route forced by --route direct"
+    );
+}

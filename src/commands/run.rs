@@ -121,26 +121,30 @@ pub async fn run(args: RunArgs) -> i32 {
         surface: "run",
     };
     let outcome = agent::run(&session, &input.task, &options, delegate).await;
-    session.close().await;
     let result = match outcome {
         Ok(result) => result,
         Err(err) => {
+            session.close().await;
             eprintln!("millracer: error: {err}");
             return 1;
         }
     };
-    let mut stdout = std::io::stdout().lock();
-    match args.output {
-        OutputFormat::Json => {
-            let _ = writeln!(stdout, "{}", result.to_pretty_json());
-        }
-        OutputFormat::Text => {
-            for warning in &result.warnings {
-                eprintln!("millracer: warning: {warning}");
+    {
+        let mut stdout = std::io::stdout().lock();
+        match args.output {
+            OutputFormat::Json => {
+                let _ = writeln!(stdout, "{}", result.to_pretty_json());
             }
-            let _ = writeln!(stdout, "{}", result.output);
+            OutputFormat::Text => {
+                for warning in &result.warnings {
+                    eprintln!("millracer: warning: {warning}");
+                }
+                let _ = writeln!(stdout, "{}", result.output);
+            }
         }
+        let _ = stdout.flush();
     }
-    let _ = stdout.flush();
+    // The answer is out before pi is shut down.
+    session.close().await;
     0
 }
