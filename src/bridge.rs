@@ -12,11 +12,12 @@ use async_nats::client::RequestErrorKind;
 use futures::StreamExt;
 use tracing::Instrument;
 
-use crate::cli::{OpsArgs, Transport, secs};
+use crate::cli::{OpsArgs, Submit, Transport, secs};
 use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
 use crate::dispatch::{Action, Service, Serving};
 use crate::sessions::SessionStore;
 use crate::subjects;
+use crate::transport::durable;
 use crate::transport::nats::{self, Patience};
 use crate::workspace::{Registry, WorkspaceRecord, resolve_path};
 
@@ -42,6 +43,11 @@ pub async fn run(args: OpsArgs) -> i32 {
         eprintln!("millracer: error: ops requires --json or --stream-json");
         return 2;
     }
+    if let Some(request_id) = args.attach.clone() {
+        let mut out = Output::new(args.stream_json);
+        let outcome = attach(&args, &request_id, &mut out).await;
+        return finish(outcome, &mut out);
+    }
     let mut raw = Vec::new();
     if let Err(err) = std::io::stdin().read_to_end(&mut raw) {
         eprintln!("millracer: error: {err}");
@@ -64,8 +70,8 @@ pub async fn run(args: OpsArgs) -> i32 {
     let outcome = async {
         match args.transport {
             Transport::Local => Ok(local(&args, &raw, &mut out).await),
-            Transport::Nats => via_bus(&args, &raw, &request, &mut out, true).await,
-            Transport::Auto => match via_bus(&args, &raw, &request, &mut out, false).await {
+            Transport::Nats => bus(&args, &raw, &request, &mut out, true).await,
+            Transport::Auto => match bus(&args, &raw, &request, &mut out, false).await {
                 Err(BusError::Unavailable(why)) => {
                     eprintln!("millracer: note: {why}; running in-process");
                     Ok(local(&args, &raw, &mut out).await)
@@ -76,6 +82,11 @@ pub async fn run(args: OpsArgs) -> i32 {
     }
     .instrument(span)
     .await;
+    finish(outcome, &mut out)
+}
+
+/// Prints the outcome and gives the exit code.
+fn finish(outcome: Result<Option<OpsResult>, BusError>, out: &mut Output) -> i32 {
     match outcome {
         Ok(Some(result)) => {
             out.result(&result);
@@ -97,6 +108,20 @@ pub async fn run(args: OpsArgs) -> i32 {
             eprintln!("millracer: error: {why}");
             1
         }
+    }
+}
+
+/// The bus, by the chosen submission.
+async fn bus(
+    args: &OpsArgs,
+    raw: &[u8],
+    request: &OpsRequest,
+    out: &mut Output,
+    required: bool,
+) -> Result<Option<OpsResult>, BusError> {
+    match args.submit {
+        Submit::Request => via_bus(args, raw, request, out, required).await,
+        Submit::Durable => via_durable(args, raw, request, out, required).await,
     }
 }
 
@@ -247,30 +272,7 @@ async fn via_bus(
     out: &mut Output,
     ask_any_worker: bool,
 ) -> Result<Option<OpsResult>, BusError> {
-    let url = nats::url(&args.nats, None);
-    let client = nats::connect(
-        &args.nats,
-        &url,
-        "millracer-ops",
-        Patience::Once(CONNECT_PATIENCE),
-    )
-    .await
-    .map_err(|e| BusError::Unavailable(e.to_string()))?;
-    if !ask_any_worker {
-        // `auto`: find a worker first (the NATS micro protocol), so a bus without one
-        // falls back at once.
-        let ping = format!("$SRV.PING.{}", crate::transport::micro::SERVICE_NAME);
-        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
-            .await
-        {
-            Ok(Ok(_)) => {}
-            _ => {
-                return Err(BusError::Unavailable(format!(
-                    "no millracer worker answers on {url}"
-                )));
-            }
-        }
-    }
+    let (client, url) = connect(args, !ask_any_worker).await?;
     let mut frames = if out.wants_frames() {
         Some(
             client
@@ -367,5 +369,318 @@ fn describe_target(request: &OpsRequest, cli_workspace: &std::path::Path) -> Str
             resolve_path(std::path::Path::new(root)).display()
         ),
         (None, None) => format!("workspace {}", resolve_path(cli_workspace).display()),
+    }
+}
+
+/// Connects; with `find_worker` (`auto`) also finds a worker first (the NATS micro
+/// protocol), so a bus without one falls back at once.
+async fn connect(
+    args: &OpsArgs,
+    find_worker: bool,
+) -> Result<(async_nats::Client, String), BusError> {
+    let url = nats::url(&args.nats, None);
+    let client = nats::connect(
+        &args.nats,
+        &url,
+        "millracer-ops",
+        Patience::Once(CONNECT_PATIENCE),
+    )
+    .await
+    .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    if find_worker {
+        let ping = format!("$SRV.PING.{}", crate::transport::micro::SERVICE_NAME);
+        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(BusError::Unavailable(format!(
+                    "no millracer worker answers on {url}"
+                )));
+            }
+        }
+    }
+    Ok((client, url))
+}
+
+/// The jobs subject of a request, most specific first: its workspace id, else its root
+/// path (or the bridge's `--workspace`); workspace-less actions go to any worker.
+fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path) -> String {
+    let action = Action::parse(&request.action);
+    if !action.needs_workspace() {
+        return subjects::jobs_any();
+    }
+    let class = if action.is_mutating() {
+        subjects::JobClass::Change
+    } else {
+        subjects::JobClass::Read
+    };
+    let wref = &request.workspace_ref;
+    match (&wref.workspace_id, &wref.root_path) {
+        (Some(id), _) => subjects::jobs_by_id(id, class),
+        (None, Some(root)) => {
+            subjects::jobs_by_path(&resolve_path(std::path::Path::new(root)), class)
+        }
+        (None, None) => subjects::jobs_by_path(&resolve_path(cli_workspace), class),
+    }
+}
+
+async fn jetstream_parts(
+    client: &async_nats::Client,
+) -> Result<
+    (
+        async_nats::jetstream::Context,
+        async_nats::jetstream::kv::Store,
+    ),
+    BusError,
+> {
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = durable::ensure(&js, DEFAULT_RETENTION)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("no durable submission: {e}")))?;
+    Ok((js, kv))
+}
+
+/// How long the bridge asks results to be kept when it is the first to create the bucket.
+const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Durable submission: the stored result when there is one; otherwise the request is
+/// published to the jobs stream (deduplicated by request_id) and the result is read from
+/// the results bucket, so a broker restart or a worker crash on the way loses nothing.
+async fn via_durable(
+    args: &OpsArgs,
+    raw: &[u8],
+    request: &OpsRequest,
+    out: &mut Output,
+    required: bool,
+) -> Result<Option<OpsResult>, BusError> {
+    let (client, url) = connect(args, !required).await?;
+    let (js, kv) = jetstream_parts(&client).await?;
+    let timeout = args.timeout.map(secs);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    if let Some(record) = durable::read_record(&kv, &request.request_id)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?
+        && record.is_done()
+    {
+        tracing::debug!(request_id = %request.request_id, "answered from the results bucket");
+        let mut frames = replay_frames(&js, &request.request_id, out).await;
+        if let Some(frames) = frames.as_mut() {
+            drain_until_finished(frames, out).await;
+        }
+        return record
+            .result()
+            .map(Some)
+            .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
+    }
+    let mut frames = replay_frames(&js, &request.request_id, out).await;
+    let subject = jobs_subject(request, &args.workspace);
+    if required {
+        note_if_unserved(&js, request, &url).await;
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    crate::telemetry::inject(&tracing::Span::current(), &mut headers);
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(bytes::Bytes::copy_from_slice(raw))
+        .headers(headers)
+        .message_id(subjects::result_key(&request.request_id));
+    // Published until the stream confirms it (a broker restarting is waited for).
+    loop {
+        let attempt = async {
+            js.send_publish(subject.clone(), message.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(ack) => {
+                tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
+                break;
+            }
+            Err(err) if err.contains("maximum") || err.contains("size") => {
+                return Err(BusError::Failed(format!(
+                    "the request of {} bytes is too large for the bus: {err}",
+                    raw.len()
+                )));
+            }
+            Err(err) => {
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+                }
+                tracing::warn!(%err, "cannot store the request yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    wait_for_result(
+        &kv,
+        &request.request_id,
+        &mut frames,
+        out,
+        deadline,
+        timeout,
+    )
+    .await
+}
+
+/// `--attach`: the frames a request published so far, then live ones, then its result.
+async fn attach(
+    args: &OpsArgs,
+    request_id: &str,
+    out: &mut Output,
+) -> Result<Option<OpsResult>, BusError> {
+    let (client, _url) = connect(args, false).await?;
+    let (js, kv) = jetstream_parts(&client).await?;
+    let timeout = args.timeout.map(secs);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let known = durable::read_record(&kv, request_id)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?;
+    if known.is_none() {
+        return Err(BusError::Failed(format!(
+            "no request {request_id:?} is known to the bus (never sent durably, or its result expired)"
+        )));
+    }
+    let mut frames = replay_frames(&js, request_id, out).await;
+    wait_for_result(&kv, request_id, &mut frames, out, deadline, timeout).await
+}
+
+/// A replay of the request's stored frames followed by live ones (an ordered consumer on
+/// the frames stream), when frames are wanted.
+async fn replay_frames(
+    js: &async_nats::jetstream::Context,
+    request_id: &str,
+    out: &Output,
+) -> Option<async_nats::jetstream::consumer::pull::Ordered> {
+    if !out.wants_frames() {
+        return None;
+    }
+    let stream = js.get_stream(subjects::FRAMES_STREAM).await.ok()?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects::frames_of_request(request_id),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| tracing::warn!(%e, "cannot replay frames"))
+        .ok()?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| tracing::warn!(%e, "cannot replay frames"))
+        .ok()
+}
+
+async fn next_replayed(
+    frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+) -> Option<async_nats::jetstream::Message> {
+    match frames {
+        Some(frames) => loop {
+            match frames.next().await {
+                Some(Ok(message)) => return Some(message),
+                Some(Err(err)) => {
+                    tracing::debug!(%err, "frame replay interrupted");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => return std::future::pending().await,
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn is_finished(message: &async_nats::jetstream::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
+        .is_some_and(|v| v.as_str() == "request.finished")
+}
+
+/// Prints the frames still on their way, up to the finished frame.
+async fn drain_until_finished(
+    frames: &mut async_nats::jetstream::consumer::pull::Ordered,
+    out: &mut Output,
+) {
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(1000), frames.next()).await
+    {
+        out.frame_line(&String::from_utf8_lossy(&message.payload));
+        if is_finished(&message) {
+            break;
+        }
+    }
+}
+
+/// Waits until the results bucket holds the request's final result, printing frames as
+/// they come. Polls the bucket: unlike a watch, a poll needs no resubscription after a
+/// broker restart.
+async fn wait_for_result(
+    kv: &async_nats::jetstream::kv::Store,
+    request_id: &str,
+    frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+    out: &mut Output,
+    deadline: Option<tokio::time::Instant>,
+    timeout: Option<Duration>,
+) -> Result<Option<OpsResult>, BusError> {
+    let mut finished_seen = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+                }
+                match durable::read_record(kv, request_id).await {
+                    Ok(Some(record)) if record.is_done() => {
+                        if !finished_seen && let Some(frames) = frames.as_mut() {
+                            drain_until_finished(frames, out).await;
+                        }
+                        return record.result().map(Some).ok_or_else(|| {
+                            BusError::Failed("the stored result is unreadable".to_string())
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!(%err, "cannot read the results bucket yet"),
+                }
+            }
+            Some(message) = next_replayed(frames) => {
+                out.frame_line(&String::from_utf8_lossy(&message.payload));
+                finished_seen |= is_finished(&message);
+            }
+        }
+    }
+}
+
+/// With `--transport nats`, says on stderr when no worker is pulling the workspace's
+/// requests right now: the request is stored and waits for one.
+async fn note_if_unserved(js: &async_nats::jetstream::Context, request: &OpsRequest, url: &str) {
+    let action = Action::parse(&request.action);
+    let consumer = if !action.needs_workspace() {
+        subjects::JOBS_ANY_CONSUMER.to_string()
+    } else if let Some(id) = &request.workspace_ref.workspace_id {
+        let class = if action.is_mutating() {
+            subjects::JobClass::Change
+        } else {
+            subjects::JobClass::Read
+        };
+        subjects::jobs_consumer(id, class)
+    } else {
+        return;
+    };
+    let Ok(mut stream) = js.get_stream(subjects::JOBS_STREAM).await else {
+        return;
+    };
+    let waiting = match stream.consumer_info(&consumer).await {
+        Ok(info) => info.num_waiting > 0,
+        Err(_) => false,
+    };
+    let _ = &mut stream;
+    if !waiting {
+        eprintln!(
+            "millracer: note: no worker on {url} takes requests for {} right now; the request is stored and waits for one (durable)",
+            describe_target(request, std::path::Path::new("."))
+        );
     }
 }

@@ -148,6 +148,10 @@ pub struct WorkerArgs {
     /// How many finished results are kept for repeated request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
+    /// How long each request's state and final result are kept by request_id in the
+    /// JetStream bucket (a request_id sent again within it is answered from there).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub result_retention_seconds: u64,
     /// A status snapshot is reused while the workspace's runtime files are unchanged and
     /// it is younger than this (a dying daemon changes no file).
     #[arg(long, default_value_t = 2.0)]
@@ -168,8 +172,25 @@ pub enum Transport {
     Local,
 }
 
+/// How the bridge hands a request to the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Submit {
+    /// JetStream: the request waits in a stream until a worker takes it, survives worker
+    /// crashes and broker restarts; the result is read from the results bucket.
+    Durable,
+    /// Core NATS request/reply (`nats req` style): no worker, no answer.
+    Request,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OpsArgs {
+    /// How to submit over the bus.
+    #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
+    pub submit: Submit,
+    /// Re-attach to a request sent earlier (by request_id): replay its frames, wait for and
+    /// print its result. Reads no stdin.
+    #[arg(long, value_name = "REQUEST_ID")]
+    pub attach: Option<String>,
     /// Print the OpsResult as indented JSON.
     #[arg(long)]
     pub json: bool,

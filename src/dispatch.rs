@@ -174,6 +174,7 @@ impl Service {
         plan: &Plan,
         started_at: String,
         progress: &Progress,
+        resume: Option<&crate::delegation::Resume>,
     ) -> OpsResult {
         if let Some(refusal) = &plan.refusal {
             return OpsResult::failure(
@@ -190,6 +191,7 @@ impl Service {
             resolution: &plan.resolution,
             started_at,
             progress,
+            resume,
         };
         match plan.action {
             Action::Status => actions::status::run(cx).await,

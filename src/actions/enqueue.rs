@@ -82,6 +82,7 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         max_restarts: settings.max_daemon_restarts,
         keep_daemon: settings.keep_daemon,
         log_name: subjects::token(&cx.request.request_id),
+        resume: cx.resume,
     };
     let outcome = delegation::run(&plan, cx.progress).await;
     if let Some(cache) = &cx.service.status_cache {

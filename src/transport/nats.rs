@@ -144,6 +144,7 @@ pub async fn publish_outbound(
     client: Client,
     mut rx: UnboundedReceiver<Outbound>,
     micro: Option<std::sync::Arc<super::micro::Micro>>,
+    durable: Option<std::sync::Arc<super::durable::Durable>>,
 ) {
     while let Some(message) = rx.recv().await {
         match message {
@@ -164,6 +165,9 @@ pub async fn publish_outbound(
                 {
                     tracing::warn!(%err, "cannot publish a frame");
                 }
+                if let Some(durable) = &durable {
+                    durable.observe_frame(&frame);
+                }
             }
             Outbound::Result {
                 to, result, trace, ..
@@ -175,8 +179,16 @@ pub async fn publish_outbound(
                     .filter(|_| result.status == crate::contract::ResultStatus::Failed)
                     .map(|e| format!("{}: {}", e.code, e.message));
                 for reply in to {
-                    let Some(reply) = reply.into_inner::<NatsReply>() else {
-                        continue;
+                    let reply = match reply.try_into_inner::<NatsReply>() {
+                        Ok(reply) => reply,
+                        Err(other) => {
+                            if let (Some(durable), Ok(js)) =
+                                (&durable, other.try_into_inner::<super::durable::JsReply>())
+                            {
+                                durable.finish(js, result.clone());
+                            }
+                            continue;
+                        }
                     };
                     if let Some(micro) = &micro {
                         micro.record(reply.endpoint, reply.received.elapsed(), error.clone());
