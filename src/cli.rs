@@ -152,6 +152,10 @@ pub struct WorkerArgs {
     /// JetStream bucket (a request_id sent again within it is answered from there).
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub result_retention_seconds: u64,
+    /// A durable request not acked (or progress-acked) for this long goes to another worker.
+    /// Used when this worker creates the consumers; progress acks come every third of it.
+    #[arg(long, default_value_t = 30.0)]
+    pub ack_wait_seconds: f64,
     /// A status snapshot is reused while the workspace's runtime files are unchanged and
     /// it is younger than this (a dying daemon changes no file).
     #[arg(long, default_value_t = 2.0)]

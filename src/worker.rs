@@ -47,10 +47,12 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
     }
+    let ack_wait = crate::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
     let bindings = durable::bindings(
         registry
             .records()
             .map(|r| (r.id.as_str(), r.root.as_path())),
+        ack_wait,
     );
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
     let micro = Arc::new(Micro::new(
@@ -83,7 +85,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
 
     let client = nats::connect(&args.nats, &url, "millracer-worker", Patience::Retry).await?;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
-    let durable = setup_durable(&client, &micro.id, retention).await;
+    let durable = setup_durable(&client, &micro.id, retention, ack_wait).await;
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
         outbound,
@@ -178,13 +180,20 @@ async fn setup_durable(
     client: &async_nats::Client,
     owner: &str,
     retention: std::time::Duration,
+    ack_wait: std::time::Duration,
 ) -> Option<Arc<Durable>> {
     let js = async_nats::jetstream::new(client.clone());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match durable::ensure(&js, retention).await {
             Ok(kv) => {
-                return Some(Durable::new(js, client.clone(), kv, owner.to_string()));
+                return Some(Durable::new(
+                    js,
+                    client.clone(),
+                    kv,
+                    owner.to_string(),
+                    ack_wait,
+                ));
             }
             Err(err) if std::time::Instant::now() >= deadline => {
                 tracing::warn!(%err, "no durable intake: serving core request/reply only");

@@ -40,6 +40,7 @@ use crate::telemetry;
 
 /// How long a delivered request may go without an ack or progress ack before JetStream
 /// hands it to another worker.
+/// The default; `--ack-wait-seconds` sets it for the consumers a worker creates.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Deliveries of one request at most (a request that crashes every worker stops somewhere).
 pub const MAX_DELIVER: i64 = 5;
@@ -160,6 +161,7 @@ pub struct Binding {
     /// 1 for changes: the server hands a workspace's changes out one at a time, across
     /// every worker.
     pub max_ack_pending: i64,
+    pub ack_wait: Duration,
 }
 
 /// The consumers of a worker serving `workspaces` (`(id, canonical root)`): a change and a
@@ -167,11 +169,13 @@ pub struct Binding {
 /// work-queue stream requires.
 pub fn bindings<'a>(
     workspaces: impl Iterator<Item = (&'a str, &'a std::path::Path)>,
+    ack_wait: Duration,
 ) -> Vec<Binding> {
     let mut out = vec![Binding {
         name: subjects::JOBS_ANY_CONSUMER.to_string(),
         filters: vec![subjects::jobs_any()],
         max_ack_pending: 1000,
+        ack_wait,
     }];
     for (id, root) in workspaces {
         for class in [JobClass::Change, JobClass::Read] {
@@ -182,6 +186,7 @@ pub fn bindings<'a>(
                     subjects::jobs_by_path(root, class),
                 ],
                 max_ack_pending: if class == JobClass::Change { 1 } else { 1000 },
+                ack_wait,
             });
         }
     }
@@ -200,7 +205,7 @@ async fn consumer(
         durable_name: Some(binding.name.clone()),
         filter_subjects: binding.filters.clone(),
         ack_policy: AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
+        ack_wait: binding.ack_wait,
         max_deliver: MAX_DELIVER,
         max_ack_pending: binding.max_ack_pending,
         ..Default::default()
@@ -263,6 +268,7 @@ pub struct Durable {
     writes: tokio::sync::Mutex<()>,
     /// Writes and acks still in flight; the worker waits for them before it exits.
     pub tracker: TaskTracker,
+    ack_wait: Duration,
 }
 
 enum Claim {
@@ -282,6 +288,7 @@ impl Durable {
         client: async_nats::Client,
         kv: kv::Store,
         owner: String,
+        ack_wait: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -291,6 +298,7 @@ impl Durable {
             records: std::sync::Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
             tracker: TaskTracker::new(),
+            ack_wait,
         })
     }
 
@@ -436,8 +444,11 @@ impl Durable {
             }
         }
         let progress = CancellationToken::new();
-        self.tracker
-            .spawn(progress_acks(message.clone(), progress.clone()));
+        self.tracker.spawn(progress_acks(
+            message.clone(),
+            progress.clone(),
+            self.ack_wait,
+        ));
         let reply = JsReply {
             message,
             key: Some(key),
@@ -695,11 +706,15 @@ impl Durable {
 
 /// Tells JetStream every third of the ack wait that a long request is still being worked
 /// on, until the request finished.
-async fn progress_acks(message: Arc<jetstream::Message>, done: CancellationToken) {
+async fn progress_acks(
+    message: Arc<jetstream::Message>,
+    done: CancellationToken,
+    ack_wait: Duration,
+) {
     loop {
         tokio::select! {
             () = done.cancelled() => return,
-            () = tokio::time::sleep(ACK_WAIT / 3) => {}
+            () = tokio::time::sleep(ack_wait / 3) => {}
         }
         if let Err(err) = message.ack_with(AckKind::Progress).await {
             tracing::debug!(%err, "cannot send a progress ack");
