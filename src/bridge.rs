@@ -425,8 +425,13 @@ fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path) -> String
     }
 }
 
+/// The jobs stream and the results bucket, as workers set them up. The bridge creates
+/// neither: a broker where no worker ever set up durable intake has no worker ("no worker",
+/// exit 3, or in-process with `auto`), while on one where workers run, a request waits in
+/// the stream for a worker serving its workspace.
 async fn jetstream_parts(
     client: &async_nats::Client,
+    url: &str,
 ) -> Result<
     (
         async_nats::jetstream::Context,
@@ -435,14 +440,20 @@ async fn jetstream_parts(
     BusError,
 > {
     let js = async_nats::jetstream::new(client.clone());
-    let kv = durable::ensure(&js, DEFAULT_RETENTION)
+    let missing = |what: &str, err: String| {
+        BusError::Unavailable(format!(
+            "no worker on {url} takes durable requests ({what}: {err})"
+        ))
+    };
+    js.get_stream(subjects::JOBS_STREAM)
         .await
-        .map_err(|e| BusError::Unavailable(format!("no durable submission: {e}")))?;
+        .map_err(|e| missing(subjects::JOBS_STREAM, e.to_string()))?;
+    let kv = js
+        .get_key_value(subjects::RESULTS_BUCKET)
+        .await
+        .map_err(|e| missing(subjects::RESULTS_BUCKET, e.to_string()))?;
     Ok((js, kv))
 }
-
-/// How long the bridge asks results to be kept when it is the first to create the bucket.
-const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Durable submission: the stored result when there is one; otherwise the request is
 /// published to the jobs stream (deduplicated by request_id) and the result is read from
@@ -455,7 +466,7 @@ async fn via_durable(
     required: bool,
 ) -> Result<Option<OpsResult>, BusError> {
     let (client, url) = connect(args, !required).await?;
-    let (js, kv) = jetstream_parts(&client).await?;
+    let (js, kv) = jetstream_parts(&client, &url).await?;
     let timeout = args.timeout.map(secs);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     if let Some(record) = durable::read_record(&kv, &request.request_id)
@@ -464,7 +475,13 @@ async fn via_durable(
         && record.is_done()
     {
         tracing::debug!(request_id = %request.request_id, "answered from the results bucket");
-        let mut frames = replay_frames(&js, &request.request_id, out).await;
+        let mut frames = replay_frames(
+            &js,
+            &request.request_id,
+            request.workspace_ref.workspace_id.as_deref(),
+            out,
+        )
+        .await;
         if let Some(frames) = frames.as_mut() {
             drain_until_finished(frames, out).await;
         }
@@ -473,7 +490,13 @@ async fn via_durable(
             .map(Some)
             .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
     }
-    let mut frames = replay_frames(&js, &request.request_id, out).await;
+    let mut frames = replay_frames(
+        &js,
+        &request.request_id,
+        request.workspace_ref.workspace_id.as_deref(),
+        out,
+    )
+    .await;
     let subject = jobs_subject(request, &args.workspace);
     if required {
         note_if_unserved(&js, request, &url).await;
@@ -530,8 +553,8 @@ async fn attach(
     request_id: &str,
     out: &mut Output,
 ) -> Result<Option<OpsResult>, BusError> {
-    let (client, _url) = connect(args, false).await?;
-    let (js, kv) = jetstream_parts(&client).await?;
+    let (client, url) = connect(args, false).await?;
+    let (js, kv) = jetstream_parts(&client, &url).await?;
     let timeout = args.timeout.map(secs);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let known = durable::read_record(&kv, request_id)
@@ -542,7 +565,8 @@ async fn attach(
             "no request {request_id:?} is known to the bus (never sent durably, or its result expired)"
         )));
     }
-    let mut frames = replay_frames(&js, request_id, out).await;
+    let workspace = known.and_then(|r| r.workspace);
+    let mut frames = replay_frames(&js, request_id, workspace.as_deref(), out).await;
     wait_for_result(&kv, request_id, &mut frames, out, deadline, timeout).await
 }
 
@@ -551,15 +575,21 @@ async fn attach(
 async fn replay_frames(
     js: &async_nats::jetstream::Context,
     request_id: &str,
+    workspace: Option<&str>,
     out: &Output,
 ) -> Option<async_nats::jetstream::consumer::pull::Ordered> {
     if !out.wants_frames() {
         return None;
     }
+    // Named workspace: the exact subject, which a workspace-scoped adapter may read.
+    let filter = match workspace {
+        Some(ws) => subjects::frames(Some(ws), request_id),
+        None => subjects::frames_of_request(request_id),
+    };
     let stream = js.get_stream(subjects::FRAMES_STREAM).await.ok()?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subjects::frames_of_request(request_id),
+            filter_subject: filter,
             ..Default::default()
         })
         .await

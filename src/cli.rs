@@ -45,6 +45,10 @@ pub struct EventsArgs {
     /// Print the frames themselves, one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Replay the stored frames (of `--request`, `--workspace` or all) in order from the
+    /// frames stream first; with `--follow`, go on live after them.
+    #[arg(long)]
+    pub replay: bool,
     #[command(flatten)]
     pub nats: NatsOptions,
 }
@@ -126,6 +130,21 @@ pub struct NatsOptions {
     /// A `.creds` file (JWT + nkey seed).
     #[arg(long, env = "MILLRACER_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`) to authenticate with.
+    #[arg(long, env = "MILLRACER_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM file of the CA certificates to trust for the server's TLS certificate.
+    #[arg(long, env = "MILLRACER_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `--nats-tls-key`).
+    #[arg(long, env = "MILLRACER_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "MILLRACER_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    #[arg(long, env = "MILLRACER_NATS_TLS_REQUIRED")]
+    pub nats_tls_required: bool,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";

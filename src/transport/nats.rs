@@ -19,6 +19,8 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot read the NATS nkey seed {path}: {message}")]
+    Nkey { path: String, message: String },
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
 }
@@ -82,6 +84,29 @@ pub async fn connect(
     }
     if let Some(token) = &options.nats_token {
         connect = connect.token(token.clone());
+    }
+    if let Some(path) = &options.nats_nkey {
+        let seed = std::fs::read_to_string(path).map_err(|e| ConnectError::Nkey {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let seed = seed.trim();
+        if !seed.starts_with('S') {
+            return Err(ConnectError::Nkey {
+                path: path.display().to_string(),
+                message: "the file holds no nkey seed (a seed starts with S)".to_string(),
+            });
+        }
+        connect = connect.nkey(seed.to_string());
+    }
+    if let Some(ca) = &options.nats_tls_ca {
+        connect = connect.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&options.nats_tls_cert, &options.nats_tls_key) {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
+    }
+    if options.nats_tls_required {
+        connect = connect.require_tls(true);
     }
     connect = match patience {
         Patience::Once(timeout) => connect.connection_timeout(timeout),
