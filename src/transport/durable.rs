@@ -383,7 +383,8 @@ impl Durable {
         message: jetstream::Message,
         max_request_bytes: usize,
     ) {
-        let span = tracing::info_span!("jetstream.receive", subject = %message.subject);
+        let span =
+            tracing::info_span!("nats.receive", subject = %message.subject, jetstream = true);
         telemetry::adopt(&span, message.headers.as_ref());
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let raw = message.payload.clone();
