@@ -95,12 +95,20 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let durable_task = durable.clone().map(|durable| {
-        tokio::spawn(durable.serve(
+        let serving = durable.serve(
             engine.clone(),
             bindings,
             args.max_request_bytes,
             stop.clone(),
-        ))
+        );
+        tokio::spawn(async move {
+            let outcome = serving.await;
+            if let Err(err) = &outcome {
+                // Said at once: core request/reply keeps serving meanwhile.
+                tracing::error!(%err, "durable intake stopped; serving core request/reply only");
+            }
+            outcome
+        })
     });
     let receivers = TaskTracker::new();
     for (index, info) in micro.endpoints().iter().enumerate() {
@@ -152,7 +160,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(task) = durable_task {
         match task.await {
             Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::error!(%err, "durable intake failed"),
+            Ok(Err(_)) => {}
             Err(err) => tracing::error!(%err, "durable intake task failed"),
         }
     }
@@ -165,6 +173,10 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         // Results stored and acked before the connection goes.
         durable.tracker.close();
         durable.tracker.wait().await;
+    }
+    // `drain` returns once queued: flush first so the last acks and frames leave.
+    if let Err(err) = client.flush().await {
+        tracing::warn!(%err, "cannot flush the NATS connection");
     }
     if let Err(err) = client.drain().await {
         tracing::warn!(%err, "cannot drain the NATS connection");

@@ -502,3 +502,126 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
         assert!(worker.process_ids().contains(&worker.pid()));
     }
 }
+
+#[test]
+fn a_request_too_large_gets_a_clear_stored_error_and_is_not_retried() {
+    let ws = Workspace::init();
+    let nats = NatsServer::start();
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &["--max-request-bytes", "4096"],
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+    });
+    let request = request_json(
+        "big-1",
+        "status",
+        json!({"workspace_id": "alpha"}),
+        json!({"text": "x".repeat(10_000)}),
+    );
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &request.to_string(),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("request_too_large") || said.contains("exceeds"),
+        "{said}"
+    );
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "big-1", Duration::from_secs(5)).await;
+        assert_eq!(record["result"]["errors"][0]["code"], "request_too_large");
+        // Terminated, not redelivered: the stream is empty and nothing waits.
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the refused request stayed in the stream"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    let nats = NatsServer::start();
+    let mut worker = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let request = enqueue(
+        "term-1",
+        "alpha",
+        "Fix src/app.py so tests/test_app.py passes",
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("term-1"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        publish_job(
+            &js,
+            subjects::jobs_by_id("alpha", JobClass::Change),
+            &request,
+            "term-1",
+        )
+        .await;
+        wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+    });
+    worker.sigterm();
+    let exit = worker
+        .wait_exit(Duration::from_secs(120))
+        .expect("worker exits after finishing");
+    assert_eq!(exit.code(), Some(0), "{}", worker.log());
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "term-1", Duration::from_secs(1)).await;
+        assert_eq!(record["result"]["status"], "succeeded", "{record:#}");
+        // Acked: nothing is left to redeliver.
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the finished request was not acked: {}",
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

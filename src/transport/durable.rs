@@ -246,6 +246,14 @@ pub struct JsReply {
     progress: CancellationToken,
 }
 
+/// A reply dropped without a result (it should not happen) stops its progress acks, so the
+/// request is redelivered after the ack wait instead of being held forever.
+impl Drop for JsReply {
+    fn drop(&mut self) {
+        self.progress.cancel();
+    }
+}
+
 impl std::fmt::Debug for JsReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JsReply")
@@ -648,10 +656,12 @@ impl Durable {
                 }
                 this.write(key, true).await;
             }
+            // Confirmed by the server, so a worker that exits right after (SIGTERM) has
+            // really handed the request off.
             let ack = if reply.term {
-                reply.message.ack_with(AckKind::Term).await
+                reply.message.double_ack_with(AckKind::Term).await
             } else {
-                reply.message.ack().await
+                reply.message.double_ack().await
             };
             if let Err(err) = ack {
                 tracing::warn!(%err, "cannot ack a finished request (the stored result answers a redelivery)");
