@@ -185,6 +185,18 @@ fn the_same_request_published_twice_runs_once_and_is_answered_from_the_store() {
         }
         let again = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
         assert_eq!(again["result"], first["result"]);
+        // Garbage naming the same request_id is answered (and terminated) but never
+        // overwrites the stored result.
+        let garbage = json!({"request_id": "dup-1", "schema_version": "nope"});
+        assert!(!publish_job(&js, subject.clone(), &garbage, "dup-1-garbage").await);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(Instant::now() < deadline, "the garbage was never taken");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kept = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
+        assert_eq!(kept["result"], first["result"], "{kept:#}");
         let frames = stored_frames(&js, "dup-1").await;
         assert_eq!(count(&frames, "request.started"), 1, "{frames:#?}");
         assert_eq!(count(&frames, "request.finished"), 1);

@@ -404,9 +404,6 @@ impl Durable {
             // Refused by the engine with a clear result; stored under the id it carries.
             let (request_id, _) = salvage_ids(&raw);
             let key = (!request_id.is_empty()).then(|| subjects::result_key(&request_id));
-            if let Some(key) = &key {
-                self.remember(key, self.running(None), None);
-            }
             let reply = JsReply {
                 message,
                 key,
@@ -644,7 +641,14 @@ impl Durable {
         let this = self.clone();
         self.tracker.spawn(async move {
             reply.progress.cancel();
-            if let Some(key) = &reply.key {
+            if reply.term {
+                // Invalid input names its request_id only as well as it can: stored only
+                // when nothing is stored under that id, so garbage can never overwrite a
+                // real request's record.
+                if let Some(key) = &reply.key {
+                    this.store_refusal(key, &result).await;
+                }
+            } else if let Some(key) = &reply.key {
                 let value = serde_json::from_str::<Value>(&result.to_json_line()).ok();
                 {
                     let mut records = this.records.lock().unwrap_or_else(|e| e.into_inner());
@@ -667,6 +671,25 @@ impl Durable {
                 tracing::warn!(%err, "cannot ack a finished request (the stored result answers a redelivery)");
             }
         });
+    }
+
+    async fn store_refusal(&self, key: &str, result: &OpsResult) {
+        let mut record = self.running(None);
+        record.state = "done".to_string();
+        record.result = serde_json::from_str::<Value>(&result.to_json_line()).ok();
+        let Ok(body) = serde_json::to_vec(&record) else {
+            return;
+        };
+        match self.kv.create(key, Bytes::from(body)).await {
+            Ok(_) => {}
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                tracing::warn!(
+                    key,
+                    "invalid input reuses a stored request_id; its record is kept"
+                );
+            }
+            Err(err) => tracing::warn!(%err, key, "cannot store the answer to invalid input"),
+        }
     }
 
     /// Writes the in-memory record to the bucket, retrying through a broker outage (for
