@@ -210,3 +210,230 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
         );
     });
 }
+
+/// Runs `openssl` with `args` in `dir`, failing the test on error.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn status_request(id: &str) -> String {
+    request_json(id, "status", json!({"workspace_id": "shop"}), json!({})).to_string()
+}
+
+#[test]
+fn worker_and_bridge_authenticate_with_an_nkey_seed_file() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let conf = format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    );
+    let nats = NatsServer::start_with_config(&conf);
+    let dir = tempfile::tempdir().expect("dir");
+    let seed_file = common::write_file(dir.path(), "user.nk", &format!("{seed}\n"));
+    let seed_arg = seed_file.display().to_string();
+    let shop = Workspace::init();
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("shop", shop.path())],
+        &["--nats-nkey", &seed_arg],
+    );
+    let ok = || {
+        run_ops_with_timeout(
+            &[
+                "ops",
+                "--json",
+                "--transport",
+                "nats",
+                "--nats-url",
+                &nats.url,
+                "--nats-nkey",
+                &seed_arg,
+            ],
+            &status_request("nkey-1"),
+            &[],
+            Duration::from_secs(60),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = ok();
+        if out.status.code() == Some(0) || Instant::now() >= deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    // Without the key: refused, "no bus" (exit 3).
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &status_request("nkey-2"),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn worker_and_bridge_speak_mutual_tls() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=millracer test CA",
+        ],
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    for name in ["server", "client"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "1",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+    let path = |f: &str| d.join(f).display().to_string();
+    let conf = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true, timeout: 5 }}\n",
+        path("server.pem"),
+        path("server.key"),
+        path("ca.pem")
+    );
+    let nats = NatsServer::start_with_config(&conf);
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let tls = [
+        "--nats-tls-ca",
+        ca.as_str(),
+        "--nats-tls-cert",
+        cert.as_str(),
+        "--nats-tls-key",
+        key.as_str(),
+        "--nats-tls-required",
+    ];
+    let shop = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("shop", shop.path())], &tls);
+    let mut args = vec![
+        "ops",
+        "--json",
+        "--transport",
+        "nats",
+        "--nats-url",
+        nats.url.as_str(),
+    ];
+    args.extend(tls);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = run_ops_with_timeout(
+            &args,
+            &status_request("tls-1"),
+            &[],
+            Duration::from_secs(60),
+        );
+        if out.status.code() == Some(0) || Instant::now() >= deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    // Without a client certificate the server refuses the bridge.
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+            "--nats-tls-ca",
+            &ca,
+        ],
+        &status_request("tls-2"),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
