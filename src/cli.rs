@@ -50,6 +50,10 @@ pub struct EventsArgs {
     /// Print the frames themselves, one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Replay the stored frames (of `--request`, `--workspace` or all) in order from the
+    /// frames stream first; with `--follow`, go on live after them.
+    #[arg(long)]
+    pub replay: bool,
     #[command(flatten)]
     pub nats: NatsOptions,
 }
@@ -131,6 +135,21 @@ pub struct NatsOptions {
     /// A `.creds` file (JWT + nkey seed).
     #[arg(long, env = "MILLRACER_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`) to authenticate with.
+    #[arg(long, env = "MILLRACER_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// PEM file of the CA certificates to trust for the server's TLS certificate.
+    #[arg(long, env = "MILLRACER_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `--nats-tls-key`).
+    #[arg(long, env = "MILLRACER_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "MILLRACER_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    #[arg(long, env = "MILLRACER_NATS_TLS_REQUIRED")]
+    pub nats_tls_required: bool,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -153,6 +172,14 @@ pub struct WorkerArgs {
     /// How many finished results are kept for repeated request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
+    /// How long each request's state and final result are kept by request_id in the
+    /// JetStream bucket (a request_id sent again within it is answered from there).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub result_retention_seconds: u64,
+    /// A durable request not acked (or progress-acked) for this long goes to another worker.
+    /// Used when this worker creates the consumers; progress acks come every third of it.
+    #[arg(long, default_value_t = 30.0)]
+    pub ack_wait_seconds: f64,
     /// A status snapshot is reused while the workspace's runtime files are unchanged and
     /// it is younger than this (a dying daemon changes no file).
     #[arg(long, default_value_t = 2.0)]
@@ -179,8 +206,25 @@ pub enum Transport {
     Local,
 }
 
+/// How the bridge hands a request to the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Submit {
+    /// JetStream: the request waits in a stream until a worker takes it, survives worker
+    /// crashes and broker restarts; the result is read from the results bucket.
+    Durable,
+    /// Core NATS request/reply (`nats req` style): no worker, no answer.
+    Request,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OpsArgs {
+    /// How to submit over the bus.
+    #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
+    pub submit: Submit,
+    /// Re-attach to a request sent earlier (by request_id): replay its frames, wait for and
+    /// print its result. Reads no stdin.
+    #[arg(long, value_name = "REQUEST_ID")]
+    pub attach: Option<String>,
     /// Print the OpsResult as indented JSON.
     #[arg(long)]
     pub json: bool,
@@ -237,6 +281,9 @@ pub struct RunArgs {
     /// How delegated work reaches the dispatch (as for `ops`).
     #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
     pub transport: Transport,
+    /// How delegated work is submitted over the bus.
+    #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
+    pub submit: Submit,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]
@@ -251,6 +298,9 @@ pub struct OperatorArgs {
     /// How delegated work reaches the dispatch (as for `ops`).
     #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
     pub transport: Transport,
+    /// How delegated work is submitted over the bus.
+    #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
+    pub submit: Submit,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]

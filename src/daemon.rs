@@ -13,7 +13,9 @@ use crate::runtime::{Millrace, RuntimeError, exit_code};
 /// A running (or finished) daemon this process started.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Child,
+    /// `None` for a daemon adopted from a worker that is gone: not our child, so its end
+    /// is seen by polling its pid.
+    child: Option<Child>,
     pid: Option<u32>,
     log_path: PathBuf,
     exit: Option<i32>,
@@ -68,8 +70,28 @@ impl Daemon {
         }
         tracing::info!(pid, workspace = %workspace.display(), mode, "daemon started");
         Ok(Self {
-            child,
+            child: Some(child),
             pid,
+            log_path,
+            exit: None,
+        })
+    }
+
+    /// Takes over a daemon another (dead) worker started, when `pid` is still a live
+    /// `millrace … daemon` process; `None` otherwise (gone, a zombie, or a reused pid).
+    pub fn adopt(pid: u32, log_path: PathBuf) -> Option<Self> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_millrace = args.iter().any(|a| a.ends_with(b"millrace"))
+            || args.iter().any(|a| a.windows(8).any(|w| w == b"millrace"));
+        let is_daemon = args.iter().any(|a| *a == b"daemon");
+        if !(is_millrace && is_daemon && alive(pid)) {
+            return None;
+        }
+        tracing::info!(pid, "adopted a running daemon");
+        Some(Self {
+            child: None,
+            pid: Some(pid),
             log_path,
             exit: None,
         })
@@ -85,10 +107,19 @@ impl Daemon {
 
     /// The exit code once the daemon has ended, without waiting.
     pub fn try_exit(&mut self) -> Option<i32> {
-        if self.exit.is_none()
-            && let Ok(Some(status)) = self.child.try_wait()
-        {
-            self.exit = Some(exit_code(&status));
+        if self.exit.is_none() {
+            match &mut self.child {
+                Some(child) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        self.exit = Some(exit_code(&status));
+                    }
+                }
+                None => {
+                    if !self.pid.is_some_and(alive) {
+                        self.exit = Some(-1);
+                    }
+                }
+            }
         }
         self.exit
     }
@@ -98,9 +129,18 @@ impl Daemon {
         if let Some(code) = self.exit {
             return code;
         }
-        let code = match self.child.wait().await {
-            Ok(status) => exit_code(&status),
-            Err(_) => -1,
+        let code = match &mut self.child {
+            Some(child) => match child.wait().await {
+                Ok(status) => exit_code(&status),
+                Err(_) => -1,
+            },
+            None => {
+                // Not our child: its exit status is not ours to read.
+                while self.pid.is_some_and(alive) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                -1
+            }
         };
         self.exit = Some(code);
         code
@@ -139,7 +179,9 @@ impl Daemon {
         }
         tracing::warn!(pid = self.pid, "daemon ignored SIGTERM; killing its group");
         self.signal_group(nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.start_kill();
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
         self.wait_for(Duration::from_secs(5)).await;
         Ok(())
     }
@@ -153,6 +195,18 @@ impl Daemon {
 
     async fn wait_for(&mut self, limit: Duration) -> bool {
         tokio::time::timeout(limit, self.wait()).await.is_ok()
+    }
+}
+
+/// A live, non-zombie process.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -33,6 +33,36 @@ pub struct Plan<'a> {
     pub keep_daemon: bool,
     /// A name for this run's daemon log (the request's subject token).
     pub log_name: String,
+    /// Set when another worker started this request and died: its work item is already
+    /// queued (and maybe its daemon still runs), so nothing is written or queued again.
+    pub resume: Option<&'a Resume>,
+}
+
+/// A work item a request queued, as recorded in the result store so another worker can
+/// pick it up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkItemRef {
+    pub id: String,
+    pub path: PathBuf,
+    pub kind: String,
+}
+
+/// What a previous owner of a request left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub work_item: Option<WorkItemRef>,
+    pub daemon_pid: Option<u32>,
+}
+
+impl Resume {
+    fn document(&self) -> Option<IntakeDocument> {
+        let item = self.work_item.as_ref()?;
+        Some(IntakeDocument {
+            id: item.id.clone(),
+            path: item.path.clone(),
+            kind: IntakeKind::parse(&item.kind)?,
+        })
+    }
 }
 
 /// The terminal event, in the reference's vocabulary (`kind`, `reason`).
@@ -105,9 +135,25 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         )
         .await?;
 
+    let resumed = plan.resume.and_then(Resume::document);
+    if let Some(doc) = &resumed {
+        progress.info(
+            "runtime.resumed",
+            format!(
+                "Resuming {} {}, queued by a worker that stopped; not queuing it again.",
+                doc.kind.as_str(),
+                doc.id
+            ),
+            payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string(), "daemon_pid" => plan.resume.and_then(|r| r.daemon_pid)},
+        );
+    }
+
     // A re-sent scoped item is not queued twice; one with failure evidence is blocked.
-    let existing = plan.scoped.and_then(|item| intake::find_scoped(ws, item));
-    if let Some(doc) = &existing {
+    let existing = match &resumed {
+        Some(doc) => Some(doc.clone()),
+        None => plan.scoped.and_then(|item| intake::find_scoped(ws, item)),
+    };
+    if let Some(doc) = existing.as_ref().filter(|_| resumed.is_none()) {
         let status = plan.millrace.status(ws, plan.cwd).await?;
         let failure = status
             .get("current_failure_class")
@@ -153,13 +199,19 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         );
     }
 
-    let mut tail = EventTail::from_end(ws);
+    let mut tail = if resumed.is_some() {
+        EventTail::from_start(ws)
+    } else {
+        EventTail::from_end(ws)
+    };
     // A reused document is queued again only when the runtime has no card for it (an
     // earlier attempt wrote it but never queued it); an idea's id is not a card id, so a
-    // reused idea is never queued twice.
+    // reused idea is never queued twice. A resumed request's item is already queued.
     let (document, queue_it) = match existing {
         Some(doc) => {
-            let unknown = doc.kind != IntakeKind::Idea && records::lifecycle(ws, &doc.id).is_none();
+            let unknown = resumed.is_none()
+                && doc.kind != IntakeKind::Idea
+                && records::lifecycle(ws, &doc.id).is_none();
             (doc, unknown)
         }
         None => {
@@ -202,7 +254,22 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         .join(".millracer")
         .join("logs")
         .join(format!("daemon-{}.log", plan.log_name));
-    let mut daemon = start_daemon(plan, &log_path, progress, 0).await?;
+    let adopted = plan
+        .resume
+        .and_then(|r| r.daemon_pid)
+        .filter(|_| resumed.is_some())
+        .and_then(|pid| Daemon::adopt(pid, log_path.clone()));
+    let mut daemon = match adopted {
+        Some(daemon) => {
+            progress.info(
+                "runtime.daemon_adopted",
+                "The Millrace daemon the previous worker started still runs; following it.",
+                payload! {"pid" => daemon.pid()},
+            );
+            daemon
+        }
+        None => start_daemon(plan, &log_path, progress, 0).await?,
+    };
     let deadline = Instant::now() + plan.daemon_timeout;
     let mut restarts = 0u32;
     let mut warnings = Vec::new();

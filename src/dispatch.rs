@@ -178,6 +178,7 @@ impl Service {
         plan: &Plan,
         started_at: String,
         progress: &Progress,
+        resume: Option<&crate::delegation::Resume>,
     ) -> OpsResult {
         if let Some(refusal) = &plan.refusal {
             return OpsResult::failure(
@@ -194,6 +195,7 @@ impl Service {
             resolution: &plan.resolution,
             started_at,
             progress,
+            resume,
         };
         match plan.action {
             Action::Status => actions::status::run(cx).await,

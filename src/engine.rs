@@ -42,9 +42,19 @@ impl Default for EngineOptions {
     }
 }
 
+/// What a transport knows about a request beyond its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitHints {
+    /// The request was started by another worker that is gone: pick up its work item.
+    pub resume: Option<crate::delegation::Resume>,
+    /// The last frame sequence already published for this request (by a previous owner).
+    pub last_sequence: u64,
+}
+
 struct Job {
     request: OpsRequest,
     plan: Plan,
+    hints: SubmitHints,
     progress: Progress,
     span: tracing::Span,
 }
@@ -91,6 +101,19 @@ impl Engine {
     /// of lanes. `reply` is where the result goes; `parent` is the transport's span for
     /// this message (carrying the caller's trace context), under which the request runs.
     pub fn submit(self: &Arc<Self>, raw: &[u8], reply: Option<ReplyTo>, parent: &tracing::Span) {
+        self.submit_with(raw, reply, parent, SubmitHints::default());
+    }
+
+    /// [`Engine::submit`] with what the transport knows about the request (a resumed
+    /// request's work item and frame numbering). Hints of a request already running in
+    /// this engine are ignored: the caller attaches to it.
+    pub fn submit_with(
+        self: &Arc<Self>,
+        raw: &[u8],
+        reply: Option<ReplyTo>,
+        parent: &tracing::Span,
+        hints: SubmitHints,
+    ) {
         if raw.len() > self.options.max_request_bytes {
             // Bounded by the server's max_payload; worth it to name the refused request.
             let (request_id, action) = salvage_ids(raw);
@@ -146,11 +169,12 @@ impl Engine {
             status = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        let progress = Progress::new(
+        let progress = Progress::continuing(
             &request.request_id,
             plan.workspace_id.clone(),
             self.out.clone(),
             telemetry::context_of(&span),
+            hints.last_sequence,
         );
         progress.info(
             "request.accepted",
@@ -160,6 +184,7 @@ impl Engine {
         let job = Job {
             request,
             plan,
+            hints,
             progress,
             span,
         };
@@ -252,6 +277,7 @@ impl Engine {
         let Job {
             request,
             plan,
+            hints,
             progress,
             span,
         } = job;
@@ -264,7 +290,13 @@ impl Engine {
             let started_at = time::now();
             let result = self
                 .service
-                .execute(&request, &plan, started_at, &progress)
+                .execute(
+                    &request,
+                    &plan,
+                    started_at,
+                    &progress,
+                    hints.resume.as_ref(),
+                )
                 .await;
             let status = result.status.as_str();
             let current = tracing::Span::current();

@@ -11,8 +11,10 @@ use crate::subjects;
 use crate::transport::nats::{self, Patience};
 
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
-    if !args.follow {
-        anyhow::bail!("events needs --follow: frames are followed live as workers publish them");
+    if !args.follow && !args.replay {
+        anyhow::bail!(
+            "events needs --follow (live frames) or --replay (stored frames; with --follow, then live)"
+        );
     }
     let url = nats::url(&args.nats, None);
     let client = nats::connect(&args.nats, &url, "millracer-events", Patience::Retry).await?;
@@ -20,6 +22,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         Some(request_id) => subjects::frames_of_request(request_id),
         None => subjects::frames_of_workspace(args.workspace.as_deref()),
     };
+    if args.replay {
+        return replay(&args, &client, &subject).await;
+    }
     let mut frames = client.subscribe(subject.clone()).await?;
     client.flush().await?;
     tracing::info!(%subject, %url, "following frames");
@@ -29,25 +34,72 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         };
         let Some(message) = message else { break };
-        let mut stdout = std::io::stdout().lock();
-        let wrote = if args.json {
-            stdout
-                .write_all(&message.payload)
-                .and_then(|()| stdout.write_all(b"\n"))
-        } else {
-            // The workspace is the subject's fifth token (`millracer.ops.v0_2.frames.<ws>.<req>`).
-            let workspace = message.subject.split('.').nth(4).unwrap_or("?").to_string();
-            match serde_json::from_slice::<OpsEventFrame>(&message.payload) {
-                Ok(frame) => writeln!(stdout, "{}", render(&workspace, &frame)),
-                Err(err) => writeln!(stdout, "{workspace}  (unreadable frame: {err})"),
-            }
-        };
-        if wrote.and_then(|()| stdout.flush()).is_err() {
-            // The reader went away (a closed pipe): stop quietly.
+        if !print(&args, &message.subject, &message.payload) {
             break;
         }
     }
     Ok(())
+}
+
+/// The stored frames in stream order (an ordered consumer), then, with `--follow`, the
+/// ones that come after; without it, stops once nothing new came for a second.
+async fn replay(
+    args: &EventsArgs,
+    client: &async_nats::Client,
+    subject: &str,
+) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream(subjects::FRAMES_STREAM).await.map_err(|e| {
+        anyhow::anyhow!("no frames stream to replay ({e}); is a worker with JetStream running?")
+    })?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_string(),
+            ..Default::default()
+        })
+        .await?;
+    let mut frames = consumer.messages().await?;
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(std::time::Duration::from_secs(1), frames.next()) => next,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(err))) => {
+                tracing::debug!(%err, "replay interrupted");
+                continue;
+            }
+            Ok(None) => break,
+            Err(_) if args.follow => continue,
+            Err(_) => break,
+        };
+        if !print(args, &message.subject, &message.payload) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Prints one frame; false when stdout went away.
+fn print(args: &EventsArgs, subject: &str, payload: &[u8]) -> bool {
+    {
+        let mut stdout = std::io::stdout().lock();
+        let wrote = if args.json {
+            stdout
+                .write_all(payload)
+                .and_then(|()| stdout.write_all(b"\n"))
+        } else {
+            // The workspace is the subject's fifth token (`millracer.ops.v0_2.frames.<ws>.<req>`).
+            let workspace = subject.split('.').nth(4).unwrap_or("?").to_string();
+            match serde_json::from_slice::<OpsEventFrame>(payload) {
+                Ok(frame) => writeln!(stdout, "{}", render(&workspace, &frame)),
+                Err(err) => writeln!(stdout, "{workspace}  (unreadable frame: {err})"),
+            }
+        };
+        // The reader went away (a closed pipe): stop quietly.
+        wrote.and_then(|()| stdout.flush()).is_ok()
+    }
 }
 
 /// `time  workspace  request  #seq  event_type  message`.

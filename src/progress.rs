@@ -22,6 +22,12 @@ impl ReplyTo {
     pub fn into_inner<T: std::any::Any>(self) -> Option<T> {
         self.0.downcast::<T>().ok().map(|b| *b)
     }
+
+    /// The transport's own value back, or this box untouched when it holds another type
+    /// (a worker answers core request/reply and JetStream requests through one publisher).
+    pub fn try_into_inner<T: std::any::Any>(self) -> Result<T, Self> {
+        self.0.downcast::<T>().map(|b| *b).map_err(Self)
+    }
 }
 
 impl std::fmt::Debug for ReplyTo {
@@ -87,10 +93,23 @@ impl Progress {
         out: UnboundedSender<Outbound>,
         trace: TraceContext,
     ) -> Self {
+        Self::continuing(request_id, workspace, out, trace, 0)
+    }
+
+    /// Frames numbered after `last_sequence`: a worker that takes over a request another
+    /// worker started continues its numbering, so a replaying subscriber sees one gapless
+    /// sequence.
+    pub fn continuing(
+        request_id: &str,
+        workspace: Option<String>,
+        out: UnboundedSender<Outbound>,
+        trace: TraceContext,
+        last_sequence: u64,
+    ) -> Self {
         Self {
             request_id: request_id.to_string(),
             workspace,
-            state: Mutex::new(0),
+            state: Mutex::new(last_sequence),
             out,
             trace: Arc::new(trace),
             tap: Mutex::new(None),

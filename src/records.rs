@@ -53,6 +53,15 @@ impl EventTail {
         Self { path, offset }
     }
 
+    /// A tail from the beginning of the log: a worker resuming a run another worker
+    /// started reads the events it never saw (the tracker follows only its work item).
+    pub fn from_start(workspace: &Path) -> Self {
+        Self {
+            path: events_path(workspace),
+            offset: 0,
+        }
+    }
+
     pub fn offset(&self) -> u64 {
         self.offset
     }

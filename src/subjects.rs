@@ -8,6 +8,12 @@
 //! | `millracer.ops.v0_2.req.path.<path_key>` | OpsRequest for a workspace by canonical root path |
 //! | `millracer.ops.v0_2.req.any` | any worker; workspace-less actions |
 //! | `millracer.ops.v0_2.frames.<workspace>.<request>` | event frames of one request |
+//! | `millracer.ops.v0_2.jobs.ws.<workspace>.<class>` | durable intake (JetStream) by workspace id |
+//! | `millracer.ops.v0_2.jobs.path.<path_key>.<class>` | durable intake by canonical root path |
+//! | `millracer.ops.v0_2.jobs.any` | durable intake for workspace-less actions |
+//!
+//! `<class>` is `change` for mutating actions (served one at a time per workspace by a
+//! consumer with `max_ack_pending = 1`) and `read` for the rest.
 //!
 //! Anything that comes from a caller (a request_id, a workspace id) passes through
 //! [`token`] before it becomes part of a subject, so `.`, `*`, `>`, spaces and `$` can
@@ -100,6 +106,66 @@ pub fn frames_of_workspace(workspace: Option<&str>) -> String {
     }
 }
 
+/// The JetStream stream holding durable requests (work-queue retention).
+pub const JOBS_STREAM: &str = "MILLRACER_JOBS";
+/// The JetStream stream keeping every frame for replay.
+pub const FRAMES_STREAM: &str = "MILLRACER_FRAMES";
+/// The KV bucket holding each request's state and final result by request_id.
+pub const RESULTS_BUCKET: &str = "MILLRACER_RESULTS";
+
+/// The intake class of an action: changes are serialised per workspace, reads are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobClass {
+    Change,
+    Read,
+}
+
+impl JobClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Change => "change",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// Everything the jobs stream captures.
+pub fn jobs_all() -> String {
+    format!("{ROOT}.jobs.>")
+}
+
+/// Durable requests for the workspace with this id.
+pub fn jobs_by_id(workspace_id: &str, class: JobClass) -> String {
+    format!("{ROOT}.jobs.ws.{}.{}", token(workspace_id), class.as_str())
+}
+
+/// Durable requests for the workspace at this canonical root path.
+pub fn jobs_by_path(canonical_root: &Path, class: JobClass) -> String {
+    format!(
+        "{ROOT}.jobs.path.{}.{}",
+        path_key(canonical_root),
+        class.as_str()
+    )
+}
+
+/// Durable requests any worker may take.
+pub fn jobs_any() -> String {
+    format!("{ROOT}.jobs.any")
+}
+
+/// The durable consumer name of one served workspace and class (`ws-<id>-change`).
+pub fn jobs_consumer(workspace_id: &str, class: JobClass) -> String {
+    format!("ws-{}-{}", token(workspace_id), class.as_str())
+}
+
+/// The durable consumer of [`jobs_any`].
+pub const JOBS_ANY_CONSUMER: &str = "any";
+
+/// The KV key of a request's state and result.
+pub fn result_key(request_id: &str) -> String {
+    token(request_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +193,19 @@ mod tests {
             format!("millracer.ops.v0_2.frames.demo.{}", token("a.>"))
         );
         assert_eq!(frames(None, "r1"), "millracer.ops.v0_2.frames._none.r1");
+    }
+
+    #[test]
+    fn jobs_subjects_are_disjoint_per_class() {
+        assert_eq!(
+            jobs_by_id("shop", JobClass::Change),
+            "millracer.ops.v0_2.jobs.ws.shop.change"
+        );
+        assert_eq!(jobs_consumer("shop", JobClass::Read), "ws-shop-read");
+        assert_eq!(
+            jobs_by_id("a.b", JobClass::Read),
+            format!("millracer.ops.v0_2.jobs.ws.{}.read", token("a.b"))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::progress::ReplyTo;
 use crate::sessions::SessionStore;
 use crate::subjects;
 use crate::telemetry;
+use crate::transport::durable::{self, Durable};
 use crate::transport::micro::{self, EndpointInfo, Micro};
 use crate::transport::nats::{self, NatsReply, Patience};
 
@@ -46,6 +47,14 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
     }
+    let ack_wait = crate::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
+    let bindings = durable::bindings(
+        registry
+            .records()
+            .map(|r| (r.id.as_str(), r.root.as_path())),
+        ack_wait,
+    );
+    let retention = std::time::Duration::from_secs(args.result_retention_seconds);
     let micro = Arc::new(Micro::new(
         endpoints,
         HashMap::from([(
@@ -91,13 +100,31 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
 
     let client = nats::connect(&args.nats, &url, "millracer-worker", Patience::Retry).await?;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
+    let durable = setup_durable(&client, &micro.id, retention, ack_wait).await;
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
         outbound,
         Some(micro.clone()),
+        durable.clone(),
     ));
 
     let stop = CancellationToken::new();
+    let durable_task = durable.clone().map(|durable| {
+        let serving = durable.serve(
+            engine.clone(),
+            bindings,
+            args.max_request_bytes,
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let outcome = serving.await;
+            if let Err(err) = &outcome {
+                // Said at once: core request/reply keeps serving meanwhile.
+                tracing::error!(%err, "durable intake stopped; serving core request/reply only");
+            }
+            outcome
+        })
+    });
     let receivers = TaskTracker::new();
     for (index, info) in micro.endpoints().iter().enumerate() {
         let mut subscriber = client
@@ -145,16 +172,66 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     stop.cancel();
     receivers.close();
     receivers.wait().await;
+    if let Some(task) = durable_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {}
+            Err(err) => tracing::error!(%err, "durable intake task failed"),
+        }
+    }
     micro_stop.cancel();
     let _ = micro_task.await;
     engine.shutdown().await;
     drop(engine);
     publisher.await.context("publisher task failed")?;
+    if let Some(durable) = &durable {
+        // Results stored and acked before the connection goes.
+        durable.tracker.close();
+        durable.tracker.wait().await;
+    }
+    // `drain` returns once queued: flush first so the last acks and frames leave.
+    if let Err(err) = client.flush().await {
+        tracing::warn!(%err, "cannot flush the NATS connection");
+    }
     if let Err(err) = client.drain().await {
         tracing::warn!(%err, "cannot drain the NATS connection");
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The JetStream side (streams, consumers' bucket), or `None` when the broker has no
+/// JetStream: core request/reply keeps working either way. A worker started before its
+/// broker keeps trying for a while.
+async fn setup_durable(
+    client: &async_nats::Client,
+    owner: &str,
+    retention: std::time::Duration,
+    ack_wait: std::time::Duration,
+) -> Option<Arc<Durable>> {
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match durable::ensure(&js, retention).await {
+            Ok(kv) => {
+                return Some(Durable::new(
+                    js,
+                    client.clone(),
+                    kv,
+                    owner.to_string(),
+                    ack_wait,
+                ));
+            }
+            Err(err) if std::time::Instant::now() >= deadline => {
+                tracing::warn!(%err, "no durable intake: serving core request/reply only");
+                return None;
+            }
+            Err(err) => {
+                tracing::debug!(%err, "JetStream not ready; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -573,7 +573,8 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
         .wait_exit(Duration::from_secs(30))
         .expect("worker exits after SIGTERM");
     assert_eq!(exit.code(), Some(0));
-    // The bridge sees no worker now.
+    // The bridge sees no worker now (core request/reply: no worker, no answer; durable
+    // submission would store the request and wait for a worker instead).
     let late = request_json(
         "req-late",
         "status",
@@ -587,6 +588,8 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
             "--json",
             "--transport",
             "nats",
+            "--submit",
+            "request",
             "--nats-url",
             &s.nats.url,
         ],

@@ -198,6 +198,7 @@ impl Delegate for InProcess<'_, '_> {
             max_restarts: settings.max_daemon_restarts,
             keep_daemon: settings.keep_daemon,
             log_name: subjects::token(&self.cx.request.request_id),
+            resume: self.cx.resume,
         };
         let workspace = self.root.display().to_string();
         let progress = self.cx.progress;

@@ -23,6 +23,8 @@ pub struct Context<'a> {
     pub resolution: &'a Resolution,
     pub started_at: String,
     pub progress: &'a Progress,
+    /// A request another worker started and left: the work to pick up (delegated runs).
+    pub resume: Option<&'a crate::delegation::Resume>,
 }
 
 impl Context<'_> {

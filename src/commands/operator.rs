@@ -35,6 +35,7 @@ pub async fn run(args: OperatorArgs) -> i32 {
         timeout: None,
         workspace: workspace.clone(),
         common: args.common.clone(),
+        submit: args.submit,
     };
     let options = agent::Options {
         workspace: &workspace,

@@ -107,6 +107,7 @@ pub async fn run(args: RunArgs) -> i32 {
         timeout: None,
         workspace: workspace.clone(),
         common: args.common.clone(),
+        submit: args.submit,
     };
     let options = agent::Options {
         workspace: &workspace,

@@ -19,6 +19,8 @@ pub enum ConnectError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot read the NATS nkey seed {path}: {message}")]
+    Nkey { path: String, message: String },
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
 }
@@ -52,6 +54,10 @@ pub async fn connect(
     let mut connect = ConnectOptions::new()
         .name(name)
         .reconnect_delay_callback(|attempts| {
+            // async-nats asks before the very first dial too: that one must not wait.
+            if attempts <= 1 {
+                return Duration::ZERO;
+            }
             let base = Duration::from_millis((100u64 << attempts.min(6) as u64).min(4_000));
             base + Duration::from_millis(jitter_ms(base.as_millis() as u64 / 2 + 1))
         })
@@ -82,6 +88,29 @@ pub async fn connect(
     }
     if let Some(token) = &options.nats_token {
         connect = connect.token(token.clone());
+    }
+    if let Some(path) = &options.nats_nkey {
+        let seed = std::fs::read_to_string(path).map_err(|e| ConnectError::Nkey {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let seed = seed.trim();
+        if !seed.starts_with('S') {
+            return Err(ConnectError::Nkey {
+                path: path.display().to_string(),
+                message: "the file holds no nkey seed (a seed starts with S)".to_string(),
+            });
+        }
+        connect = connect.nkey(seed.to_string());
+    }
+    if let Some(ca) = &options.nats_tls_ca {
+        connect = connect.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&options.nats_tls_cert, &options.nats_tls_key) {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
+    }
+    if options.nats_tls_required {
+        connect = connect.require_tls(true);
     }
     connect = match patience {
         Patience::Once(timeout) => connect.connection_timeout(timeout),
@@ -144,6 +173,7 @@ pub async fn publish_outbound(
     client: Client,
     mut rx: UnboundedReceiver<Outbound>,
     micro: Option<std::sync::Arc<super::micro::Micro>>,
+    durable: Option<std::sync::Arc<super::durable::Durable>>,
 ) {
     while let Some(message) = rx.recv().await {
         match message {
@@ -164,6 +194,9 @@ pub async fn publish_outbound(
                 {
                     tracing::warn!(%err, "cannot publish a frame");
                 }
+                if let Some(durable) = &durable {
+                    durable.observe_frame(&frame);
+                }
             }
             Outbound::Result {
                 to, result, trace, ..
@@ -175,8 +208,16 @@ pub async fn publish_outbound(
                     .filter(|_| result.status == crate::contract::ResultStatus::Failed)
                     .map(|e| format!("{}: {}", e.code, e.message));
                 for reply in to {
-                    let Some(reply) = reply.into_inner::<NatsReply>() else {
-                        continue;
+                    let reply = match reply.try_into_inner::<NatsReply>() {
+                        Ok(reply) => reply,
+                        Err(other) => {
+                            if let (Some(durable), Ok(js)) =
+                                (&durable, other.try_into_inner::<super::durable::JsReply>())
+                            {
+                                durable.finish(js, result.clone());
+                            }
+                            continue;
+                        }
                     };
                     if let Some(micro) = &micro {
                         micro.record(reply.endpoint, reply.received.elapsed(), error.clone());

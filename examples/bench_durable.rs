@@ -1,0 +1,376 @@
+//! Figures for durable intake, on a private nats-server and real `millracer worker`s:
+//! requests lost and run twice under a worker kill and a broker restart, the time to recover
+//! from each, and durable submission throughput against core request/reply in one run.
+//!
+//! ```sh
+//! scripts/setup.sh && cargo build --release && cargo run --release --example bench_durable
+//! ```
+//!
+//! Uses `.venv/bin/nats-server` (or `$MILLRACER_TEST_NATS_SERVER`) and the `millracer` binary
+//! next to this example's directory (`target/release/millracer`). Requests are cheap on
+//! purpose (`enqueue` without text: it takes its workspace's lane and answers
+//! `invalid_input`; `list_workspaces` for throughput), so the figures measure the bus, not
+//! the runtime.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use millracer::subjects::{self, JobClass};
+use serde_json::{Value, json};
+
+fn nats_server_bin() -> PathBuf {
+    std::env::var_os("MILLRACER_TEST_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server"))
+}
+
+fn millracer_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    let bin = dir.join("millracer");
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} missing: run cargo build --release first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+    store: PathBuf,
+}
+
+impl Server {
+    fn start(store: &Path, port: u16) -> anyhow::Result<Self> {
+        Ok(Self {
+            child: Self::spawn(store, port)?,
+            port,
+            store: store.to_path_buf(),
+        })
+    }
+
+    fn spawn(store: &Path, port: u16) -> anyhow::Result<Child> {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+    fn restart(&mut self) -> anyhow::Result<Duration> {
+        let down = Instant::now();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.store, self.port)?;
+        Ok(down.elapsed())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct WorkerProc(Child);
+
+impl WorkerProc {
+    fn spawn(url: &str, workspaces: &[(String, PathBuf)], home: &Path) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(millracer_bin()?);
+        cmd.args(["worker", "--nats-url", url, "--ack-wait-seconds", "3"]);
+        for (id, path) in workspaces {
+            cmd.arg("--workspace")
+                .arg(format!("{id}={}", path.display()));
+        }
+        Ok(Self(
+            cmd.env("HOME", home)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    }
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn request(id: &str, action: &str, workspace: Option<&str>) -> Value {
+    json!({
+        "schema_version": "millracer.ops.v0.2", "request_id": id,
+        "workspace_ref": workspace.map_or(json!({}), |w| json!({"workspace_id": w})),
+        "source": {"kind": "cli", "surface": "bench"}, "action": action, "input": {},
+    })
+}
+
+async fn wait_ready(client: &async_nats::Client, consumers: usize) -> anyhow::Result<()> {
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = js.get_stream(subjects::JOBS_STREAM).await
+            && let Ok(info) = stream.info().await
+            && info.state.consumer_count >= consumers
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "workers not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes `ids` durably (change class, round-robin over `workspaces`).
+async fn publish(
+    js: &jetstream::Context,
+    ids: &[String],
+    workspaces: &[(String, PathBuf)],
+) -> anyhow::Result<()> {
+    let mut acks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let ws = &workspaces[i % workspaces.len()].0;
+        let body = request(id, "enqueue", Some(ws)).to_string();
+        let message = jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .message_id(subjects::result_key(id));
+        acks.push(
+            js.send_publish(subjects::jobs_by_id(ws, JobClass::Change), message)
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(())
+}
+
+/// Waits for every id's record to be done; returns completion instants (by id) and the
+/// ids never answered within `limit`.
+async fn collect(
+    kv: &jetstream::kv::Store,
+    ids: &[String],
+    limit: Duration,
+) -> (HashMap<String, Instant>, Vec<String>) {
+    let mut done = HashMap::new();
+    let deadline = Instant::now() + limit;
+    while done.len() < ids.len() && Instant::now() < deadline {
+        for id in ids {
+            if done.contains_key(id) {
+                continue;
+            }
+            if let Ok(Some(bytes)) = kv.get(subjects::result_key(id)).await
+                && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
+            {
+                done.insert(id.clone(), Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lost = ids
+        .iter()
+        .filter(|id| !done.contains_key(*id))
+        .cloned()
+        .collect();
+    (done, lost)
+}
+
+/// How many of `ids` started more than once (their `request.started` frames).
+async fn run_twice(js: &jetstream::Context, ids: &[String]) -> anyhow::Result<usize> {
+    let stream = js.get_stream(subjects::FRAMES_STREAM).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects::frames_of_workspace(None),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut started: HashMap<String, usize> = HashMap::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        if let Ok(frame) = serde_json::from_slice::<Value>(&message.payload)
+            && frame["event_type"] == "request.started"
+        {
+            *started
+                .entry(frame["request_id"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+    }
+    Ok(ids
+        .iter()
+        .filter(|id| started.get(*id).copied().unwrap_or(0) > 1)
+        .count())
+}
+
+/// The longest pause between consecutive completions of one workspace after `from`
+/// (requests are spread round-robin over `lanes` workspaces): how long a workspace waited
+/// to recover.
+fn longest_stall(
+    ids: &[String],
+    done: &HashMap<String, Instant>,
+    from: Instant,
+    lanes: usize,
+) -> Duration {
+    let mut worst = Duration::ZERO;
+    for lane in 0..lanes {
+        let mut times: Vec<Instant> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % lanes == lane)
+            .filter_map(|(_, id)| done.get(id).copied())
+            .filter(|t| *t >= from)
+            .collect();
+        times.sort();
+        let mut prev = from;
+        for t in times {
+            worst = worst.max(t - prev);
+            prev = t;
+        }
+    }
+    worst
+}
+
+/// How many of `ids` are done now.
+async fn answered(kv: &jetstream::kv::Store, ids: &[String]) -> usize {
+    let mut n = 0;
+    for id in ids {
+        if let Ok(Some(bytes)) = kv.get(subjects::result_key(id)).await
+            && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let workspaces: Vec<(String, PathBuf)> = (0..4)
+        .map(|i| {
+            let path = dir.path().join(format!("ws{i}"));
+            std::fs::create_dir_all(&path).map(|()| (format!("w{i}"), path))
+        })
+        .collect::<Result<_, _>>()?;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    let store = dir.path().join("js");
+    let mut server = Server::start(&store, free_port()?)?;
+    let url = server.url();
+    let mut a = WorkerProc::spawn(&url, &workspaces, &home)?;
+    let _b = WorkerProc::spawn(&url, &workspaces, &home)?;
+    let client = async_nats::connect(&url).await?;
+    wait_ready(&client, 1 + 2 * workspaces.len()).await?;
+    let js = jetstream::new(client.clone());
+    let kv = js.get_key_value(subjects::RESULTS_BUCKET).await?;
+    let mut report = String::new();
+
+    // 1. Throughput: the same cheap read, durable vs core request/reply.
+    let n = 2000;
+    let started = Instant::now();
+    let ids: Vec<String> = (0..n).map(|i| format!("tp-{i}")).collect();
+    let mut acks = Vec::new();
+    for id in &ids {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(request(id, "list_workspaces", None).to_string().into())
+            .message_id(subjects::result_key(id));
+        acks.push(js.send_publish(subjects::jobs_any(), message).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let (_, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let durable = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(lost.is_empty(), "throughput run lost {}", lost.len());
+    let started = Instant::now();
+    let core = futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let body = request(&format!("core-{i}"), "list_workspaces", None).to_string();
+                client
+                    .request(subjects::request_any(), body.into())
+                    .await
+                    .is_ok()
+            }
+        })
+        .buffer_unordered(64)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    let core_rate = core as f64 / started.elapsed().as_secs_f64();
+    report.push_str(&format!(
+        "| throughput, {n} list_workspaces | durable: {durable:.0} req/s | core request/reply (64 in flight): {core_rate:.0} req/s |\n"
+    ));
+
+    // 2. Worker kill -9 mid-stream.
+    let m = 4000;
+    let lanes = workspaces.len();
+    let ids: Vec<String> = (0..m).map(|i| format!("kill-{i}")).collect();
+    publish(&js, &ids, &workspaces).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = Instant::now();
+    a.kill();
+    let before = answered(&kv, &ids).await;
+    let _c = WorkerProc::spawn(&url, &workspaces, &home)?;
+    let (done, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let twice = run_twice(&js, &ids).await?;
+    report.push_str(&format!(
+        "| worker SIGKILL during {m} changes over {lanes} workspaces ({before} answered at the kill) | lost {} | run twice {} | recovery (longest per-workspace stall, ack wait 3 s) {:.2?} | all answered {:.2?} after the kill |\n",
+        lost.len(),
+        twice,
+        longest_stall(&ids, &done, killed, lanes),
+        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(killed)),
+    ));
+
+    // 3. Broker restart mid-stream.
+    let ids: Vec<String> = (0..m).map(|i| format!("restart-{i}")).collect();
+    publish(&js, &ids, &workspaces).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = answered(&kv, &ids).await;
+    let restarted = Instant::now();
+    let outage = server.restart()?;
+    let (done, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let twice = run_twice(&js, &ids).await?;
+    report.push_str(&format!(
+        "| nats-server SIGKILL + restart (same store) during {m} changes ({before} answered at the kill) | lost {} | run twice {} | outage {:.2?}; recovery (longest per-workspace stall) {:.2?} | all answered {:.2?} after the kill |\n",
+        lost.len(),
+        twice,
+        outage,
+        longest_stall(&ids, &done, restarted, lanes),
+        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(restarted)),
+    ));
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,639 @@
+//! Nothing lost: durable intake on the real nats-server (JetStream), results kept by
+//! request_id, frames kept for replay, a worker killed mid-stage and a broker restarted
+//! mid-run, the same request published twice, and 1,000 requests over 10 workspaces served
+//! by 2 workers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::stand_in::StandInWorkspace;
+use common::{NatsServer, Worker, Workspace, request_json, run_ops_with_timeout};
+use futures::StreamExt;
+use millracer::subjects::{self, JobClass};
+use serde_json::{Value, json};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn enqueue(id: &str, ws: &str, text: &str) -> Value {
+    let mut r = request_json(
+        id,
+        "enqueue",
+        json!({"workspace_id": ws}),
+        json!({"kind": "natural_language", "text": text}),
+    );
+    r["route_preference"] = json!("millrace");
+    r["intake_preference"] = json!("task");
+    r
+}
+
+/// Publishes a request to the jobs stream like an adapter; returns whether the stream
+/// reported it a duplicate.
+async fn publish_job(
+    js: &jetstream::Context,
+    subject: String,
+    request: &Value,
+    msg_id: &str,
+) -> bool {
+    let message = jetstream::message::PublishMessage::build()
+        .payload(request.to_string().into())
+        .message_id(msg_id);
+    js.send_publish(subject, message)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .duplicate
+}
+
+/// The stored record of a request once it is done (fails after `limit`).
+async fn wait_done(kv: &jetstream::kv::Store, request_id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(bytes)) = kv.get(subjects::result_key(request_id)).await
+            && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
+            && record["state"] == "done"
+        {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no result for {request_id} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every stored frame of a request, in stream order.
+async fn stored_frames(js: &jetstream::Context, request_id: &str) -> Vec<Value> {
+    all_stored_frames(js, &subjects::frames_of_request(request_id)).await
+}
+
+async fn all_stored_frames(js: &jetstream::Context, filter: &str) -> Vec<Value> {
+    let mut stream = js
+        .get_stream(subjects::FRAMES_STREAM)
+        .await
+        .expect("frames stream");
+    let total = stream.info().await.expect("stream info").state.messages;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while out.len() as u64 <= total {
+        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(m))) => out.push(serde_json::from_slice(&m.payload).expect("frame JSON")),
+            _ => break,
+        }
+    }
+    out
+}
+
+fn count(frames: &[Value], event_type: &str) -> usize {
+    frames
+        .iter()
+        .filter(|f| f["event_type"] == event_type)
+        .count()
+}
+
+fn assert_gapless(frames: &[Value]) {
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| f["sequence"].as_u64())
+        .collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(
+        seqs, want,
+        "frame sequences gapless and unique: {frames:#?}"
+    );
+}
+
+fn intake_documents(workspace: &Path) -> Vec<String> {
+    std::fs::read_dir(workspace.join(".millracer").join("intake"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".md"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits for the first frame of `event_type` (and, if given, stage) on a core subscription.
+async fn wait_frame(frames: &mut async_nats::Subscriber, event_type: &str, stage: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(message)) = tokio::time::timeout(left, frames.next()).await else {
+            panic!("no {event_type} frame within 90 s");
+        };
+        let frame: Value = serde_json::from_slice(&message.payload).expect("frame JSON");
+        if frame["event_type"] == event_type && stage.is_none_or(|s| frame["payload"]["stage"] == s)
+        {
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_same_request_published_twice_runs_once_and_is_answered_from_the_store() {
+    let ws = Workspace::init();
+    let nats = NatsServer::start();
+    let worker = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let request = request_json(
+        "dup-1",
+        "status",
+        json!({"workspace_id": "alpha"}),
+        json!({}),
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let subject = subjects::jobs_by_id("alpha", JobClass::Read);
+        assert!(!publish_job(&js, subject.clone(), &request, "dup-1").await);
+        // Inside the duplicate window: the stream keeps one.
+        assert!(publish_job(&js, subject.clone(), &request, "dup-1").await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let first = wait_done(&kv, "dup-1", Duration::from_secs(30)).await;
+        assert_eq!(first["result"]["status"], "succeeded", "{first:#}");
+        // After the window (a new message id): the stored record answers, nothing runs.
+        assert!(!publish_job(&js, subject.clone(), &request, "dup-1-later").await);
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the repeated request was never taken"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let again = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
+        assert_eq!(again["result"], first["result"]);
+        // Garbage naming the same request_id is answered (and terminated) but never
+        // overwrites the stored result.
+        let garbage = json!({"request_id": "dup-1", "schema_version": "nope"});
+        assert!(!publish_job(&js, subject.clone(), &garbage, "dup-1-garbage").await);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(Instant::now() < deadline, "the garbage was never taken");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kept = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
+        assert_eq!(kept["result"], first["result"], "{kept:#}");
+        let frames = stored_frames(&js, "dup-1").await;
+        assert_eq!(count(&frames, "request.started"), 1, "{frames:#?}");
+        assert_eq!(count(&frames, "request.finished"), 1);
+        assert_gapless(&frames);
+    });
+    // The bridge sends the same request again: the stored result, at once, same as stored.
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &request.to_string(),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("result JSON");
+    assert_eq!(printed["request_id"], "dup-1");
+    assert_eq!(printed["status"], "succeeded");
+    // And the worker ran it once: one accepted frame in the whole frames stream.
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        assert_eq!(
+            count(&stored_frames(&js, "dup-1").await, "request.accepted"),
+            1
+        );
+    });
+}
+
+#[test]
+fn a_broker_restart_mid_run_loses_nothing() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 6}}));
+    let mut nats = NatsServer::start();
+    let worker = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let request = enqueue(
+        "restart-1",
+        "alpha",
+        "Fix src/app.py so tests/test_app.py passes",
+    );
+    let url = nats.url.clone();
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+    });
+    let started = Instant::now();
+    let bridge = {
+        let text = request.to_string();
+        std::thread::spawn(move || {
+            run_ops_with_timeout(
+                &["ops", "--json", "--transport", "nats", "--nats-url", &url],
+                &text,
+                &[],
+                Duration::from_secs(240),
+            )
+        })
+    };
+    rt().block_on(async {
+        let client = nats.client().await;
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("restart-1"))
+            .await
+            .expect("subscribe");
+        wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+    });
+    let down = Instant::now();
+    nats.restart();
+    eprintln!(
+        "broker restarted {:?} after the request was sent",
+        down - started
+    );
+    let out = bridge.join().expect("bridge thread");
+    eprintln!(
+        "result {:?} after the restart",
+        Instant::now().duration_since(down)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}\nworker: {}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).expect("result JSON");
+    assert_eq!(result["status"], "succeeded", "{result:#}");
+    assert_eq!(result["completion"]["scoped_completion"], true);
+    assert_eq!(intake_documents(ws.path()).len(), 1, "queued once");
+    let builders = ws
+        .calls()
+        .iter()
+        .filter(|c| c["stage"] == "builder")
+        .count();
+    assert_eq!(builders, 1, "{:?}", ws.calls());
+}
+
+#[test]
+fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 8}}));
+    let nats = NatsServer::start();
+    let fast = ["--ack-wait-seconds", "3"];
+    let mut first = Worker::spawn(&nats.url, &[("alpha", ws.path())], &fast);
+    let request = enqueue(
+        "kill-1",
+        "alpha",
+        "Fix src/app.py so tests/test_app.py passes",
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        first.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("kill-1"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        publish_job(
+            &js,
+            subjects::jobs_by_id("alpha", JobClass::Change),
+            &request,
+            "kill-1",
+        )
+        .await;
+        wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+        first.sigkill();
+        let killed = Instant::now();
+        let second = Worker::spawn_with(
+            &nats.url,
+            &[("alpha", ws.path())],
+            &fast,
+            &[],
+            Some(first.home()),
+        );
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "kill-1", Duration::from_secs(180)).await;
+        eprintln!("result {:?} after the kill", killed.elapsed());
+        let result = &record["result"];
+        assert_eq!(
+            result["status"],
+            "succeeded",
+            "{record:#}\n{}",
+            second.log()
+        );
+        assert_eq!(result["completion"]["scoped_completion"], true);
+        assert_ne!(record["owner"], Value::Null);
+        let frames = stored_frames(&js, "kill-1").await;
+        let types: Vec<&str> = frames
+            .iter()
+            .filter_map(|f| f["event_type"].as_str())
+            .collect();
+        eprintln!("frames of the taken-over request: {types:?}");
+        assert_eq!(count(&frames, "runtime.work_item_queued"), 1, "{types:?}");
+        assert_eq!(count(&frames, "runtime.intake_written"), 1, "{types:?}");
+        assert_eq!(count(&frames, "runtime.resumed"), 1, "{types:?}");
+        assert_eq!(count(&frames, "request.finished"), 1, "{types:?}");
+        assert_gapless(&frames);
+        drop(second);
+    });
+    assert_eq!(intake_documents(ws.path()).len(), 1, "queued once");
+    let calls: Vec<String> = ws
+        .calls()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap_or("").to_string())
+        .collect();
+    eprintln!("stages the stand-in answered: {calls:?}");
+    // The stage running at the kill may run again (its daemon may have died with its
+    // pipes); nothing else does.
+    assert!(
+        calls.iter().filter(|s| *s == "builder").count() <= 2,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|s| *s == "checker").count(),
+        1,
+        "{calls:?}"
+    );
+    // The caller re-attaches and gets the one result.
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--stream-json",
+            "--attach",
+            "kill-1",
+            "--nats-url",
+            &nats.url,
+        ],
+        "",
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let results = lines
+        .iter()
+        .filter(|l| l.get("status").is_some() && l.get("sequence").is_none())
+        .count();
+    assert_eq!(results, 1, "{lines:#?}");
+    assert_eq!(
+        lines.last().map(|l| &l["status"]),
+        Some(&json!("succeeded"))
+    );
+}
+
+#[test]
+fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_in_order() {
+    // `enqueue` without text is the cheapest mutating request: it takes its workspace's
+    // lane (and the server-side one-at-a-time consumer) and answers `invalid_input` at once.
+    let dirs: Vec<tempfile::TempDir> = (0..10)
+        .map(|_| {
+            tempfile::Builder::new()
+                .prefix("durable-ws-")
+                .tempdir()
+                .expect("dir")
+        })
+        .collect();
+    let names: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+    let list: Vec<(&str, &Path)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(dirs.iter().map(|d| d.path()))
+        .collect();
+    let nats = NatsServer::start();
+    let a = Worker::spawn(&nats.url, &list, &[]);
+    let b = Worker::spawn(&nats.url, &list, &[]);
+    rt().block_on(async {
+        let client = nats.client().await;
+        a.wait_ready(&client).await;
+        b.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let started = Instant::now();
+        let mut acks = Vec::new();
+        for i in 0..1000 {
+            let ws = &names[i % 10];
+            let id = format!("bulk-{i:04}");
+            let mut request = request_json(&id, "enqueue", json!({"workspace_id": ws}), json!({}));
+            request["route_preference"] = json!("millrace");
+            let message = jetstream::message::PublishMessage::build()
+                .payload(request.to_string().into())
+                .message_id(&id);
+            acks.push(
+                js.send_publish(subjects::jobs_by_id(ws, JobClass::Change), message)
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            assert!(!ack.await.expect("stored").duplicate);
+        }
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let mut spans: HashMap<usize, Vec<(String, String)>> = HashMap::new();
+        for i in 0..1000 {
+            let record = wait_done(&kv, &format!("bulk-{i:04}"), Duration::from_secs(240)).await;
+            let result = &record["result"];
+            assert_eq!(result["errors"][0]["code"], "invalid_input", "{record:#}");
+            spans.entry(i % 10).or_default().push((
+                result["started_at"]
+                    .as_str()
+                    .expect("started_at")
+                    .to_string(),
+                result["finished_at"]
+                    .as_str()
+                    .expect("finished_at")
+                    .to_string(),
+            ));
+        }
+        eprintln!("1000 durable requests answered in {:?}", started.elapsed());
+        for (ws, spans) in &spans {
+            for pair in spans.windows(2) {
+                assert!(
+                    pair[0].1 <= pair[1].0,
+                    "workspace w{ws}: a request started before the one before it finished: {pair:?}"
+                );
+            }
+        }
+        let frames = all_stored_frames(&js, &subjects::frames_of_workspace(None)).await;
+        let mut started_count: HashMap<String, usize> = HashMap::new();
+        for frame in frames
+            .iter()
+            .filter(|f| f["event_type"] == "request.started")
+        {
+            *started_count
+                .entry(frame["request_id"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+        let bulk: Vec<_> = started_count
+            .iter()
+            .filter(|(k, _)| k.starts_with("bulk-"))
+            .collect();
+        assert_eq!(bulk.len(), 1000, "every request started");
+        assert!(bulk.iter().all(|(_, n)| **n == 1), "each ran once");
+    });
+    // Both workers took part.
+    for worker in [&a, &b] {
+        assert!(worker.process_ids().contains(&worker.pid()));
+    }
+}
+
+#[test]
+fn a_request_too_large_gets_a_clear_stored_error_and_is_not_retried() {
+    let ws = Workspace::init();
+    let nats = NatsServer::start();
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &["--max-request-bytes", "4096"],
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+    });
+    let request = request_json(
+        "big-1",
+        "status",
+        json!({"workspace_id": "alpha"}),
+        json!({"text": "x".repeat(10_000)}),
+    );
+    let out = run_ops_with_timeout(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--nats-url",
+            &nats.url,
+        ],
+        &request.to_string(),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("request_too_large") || said.contains("exceeds"),
+        "{said}"
+    );
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "big-1", Duration::from_secs(5)).await;
+        assert_eq!(record["result"]["errors"][0]["code"], "request_too_large");
+        // Terminated, not redelivered: the stream is empty and nothing waits.
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the refused request stayed in the stream"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    let nats = NatsServer::start();
+    let mut worker = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let request = enqueue(
+        "term-1",
+        "alpha",
+        "Fix src/app.py so tests/test_app.py passes",
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("term-1"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        publish_job(
+            &js,
+            subjects::jobs_by_id("alpha", JobClass::Change),
+            &request,
+            "term-1",
+        )
+        .await;
+        wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+    });
+    worker.sigterm();
+    let exit = worker
+        .wait_exit(Duration::from_secs(120))
+        .expect("worker exits after finishing");
+    assert_eq!(exit.code(), Some(0), "{}", worker.log());
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "term-1", Duration::from_secs(1)).await;
+        assert_eq!(record["result"]["status"], "succeeded", "{record:#}");
+        // Acked: nothing is left to redeliver.
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stream.info().await.expect("info").state.messages > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the finished request was not acked: {}",
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
