@@ -191,8 +191,14 @@ impl Engine {
         match job.plan.lane.clone() {
             Some(key) => self.enqueue(key, job),
             None => {
+                // Read-only work that needs no waiting (list, inspect, a current status
+                // snapshot) finishes in this first poll, on the receiving task: no task
+                // hand-off for the common case. Anything that must wait is spawned as is.
                 let engine = self.clone();
-                self.tracker.spawn(async move { engine.run(job).await });
+                let mut run = Box::pin(async move { engine.run(job).await });
+                if futures::FutureExt::now_or_never(&mut run).is_none() {
+                    self.tracker.spawn(run);
+                }
             }
         }
     }

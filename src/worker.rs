@@ -222,7 +222,12 @@ async fn setup_durable(
                     ack_wait,
                 ));
             }
-            Err(err) if std::time::Instant::now() >= deadline => {
+            Err(err)
+                if std::time::Instant::now() >= deadline
+                    || (jetstream_absent(&err.to_string())
+                        && client.connection_state()
+                            == async_nats::connection::State::Connected) =>
+            {
                 tracing::warn!(%err, "no durable intake: serving core request/reply only");
                 return None;
             }
@@ -266,4 +271,13 @@ fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize) {
         received: std::time::Instant::now(),
     };
     engine.submit(&message.payload, Some(ReplyTo::new(reply)), &span);
+}
+
+/// A broker without JetStream answers its API with "no responders" (or says it is not
+/// enabled) at once: no point in waiting for it, core request/reply serves on.
+fn jetstream_absent(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    error.contains("jetstream unavailable")
+        || error.contains("no responders")
+        || error.contains("not enabled")
 }
