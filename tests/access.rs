@@ -8,17 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use common::{NatsServer, Worker, Workspace, repo_root, request_json, run_ops_with_timeout};
+use common::{NatsServer, Worker, Workspace, repo_root, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
 use millracer::subjects::{self, JobClass};
 use serde_json::json;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 const WORKER: (&str, &str) = ("worker", "worker-change-me");
 const ADAPTER: (&str, &str) = ("adapter-shop", "adapter-change-me");

@@ -6,17 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::schemas::assert_valid;
-use common::{NatsServer, Worker, Workspace, request_json, run_ops};
+use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops};
 use futures::StreamExt;
 use millracer::subjects;
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn parse(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes)

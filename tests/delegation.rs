@@ -8,17 +8,10 @@ use std::time::Duration;
 
 use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
-use common::{NatsServer, Worker, request_json, run_ops};
+use common::{NatsServer, Worker, request_json, rt, run_ops};
 use futures::StreamExt;
 use millracer::subjects;
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn enqueue(id: &str, ws: &str, text: &str, intake: &str) -> Value {
     let mut r = request_json(

@@ -11,17 +11,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use common::stand_in::StandInWorkspace;
-use common::{NatsServer, Worker, Workspace, request_json, run_ops_with_timeout};
+use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
 use millracer::subjects::{self, JobClass};
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn enqueue(id: &str, ws: &str, text: &str) -> Value {
     let mut r = request_json(

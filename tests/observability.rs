@@ -9,15 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{NatsServer, Worker, Workspace, request_json, run_ops};
+use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops};
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// A minimal OTLP/HTTP (JSON) receiver: keeps every body posted to `/v1/traces`.
 struct OtlpReceiver {

@@ -14,17 +14,10 @@ use common::pi::{
 };
 use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
-use common::{NatsServer, Worker, pi_bin, request_json, run_ops_with_timeout};
+use common::{NatsServer, Worker, pi_bin, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
 use millracer::subjects;
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// `millracer <args…>` with pi's private environment.
 fn millracer(args: &[String], stdin: &str, home: &PiHome) -> Output {

@@ -832,3 +832,11 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
         .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
     path
 }
+
+/// A multi-threaded tokio runtime for a synchronous test that talks NATS.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
