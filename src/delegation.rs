@@ -334,6 +334,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         let _ = drain(&mut tail, &mut tracker, progress);
     }
 
+    let mut final_status = None;
     if plan.keep_daemon {
         progress.info(
             "runtime.daemon_kept",
@@ -344,14 +345,17 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         let _ = daemon
             .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
             .await;
-        clear_stale_if_needed(plan).await;
+        final_status = clear_stale_if_needed(plan).await;
         progress.info(
             "runtime.daemon_stopped",
             "The Millrace daemon was stopped.",
             payload! {"pid" => daemon.pid()},
         );
     }
-    let status = plan.millrace.status(ws, plan.cwd).await.ok();
+    let status = match final_status {
+        Some(status) => Some(status),
+        None => plan.millrace.status(ws, plan.cwd).await.ok(),
+    };
 
     let (outcome, scoped, event, evidence) = match verdict {
         Ok(Verdict::Completed { reason, evidence }) => (
@@ -475,22 +479,33 @@ async fn start_daemon(
     Ok(daemon)
 }
 
-/// `control clear-stale-state` when the runtime reports a stale ownership lock.
-async fn clear_stale_if_needed(plan: &Plan<'_>) {
-    let Ok(status) = plan.millrace.status(plan.workspace, plan.cwd).await else {
-        return;
-    };
-    if status.get("runtime_ownership_lock").and_then(Value::as_str) == Some("stale") {
-        let args: Vec<std::ffi::OsString> = vec![
-            "control".into(),
-            "clear-stale-state".into(),
-            "--workspace".into(),
-            plan.workspace.into(),
-        ];
-        if let Err(err) = plan.millrace.run_checked(&args, plan.cwd).await {
-            tracing::warn!(%err, "clear-stale-state failed");
-        }
+/// `control clear-stale-state` when the runtime reports a stale ownership lock, or a run
+/// left active by a daemon that is gone (a graceful stop mid-stage leaves the item in
+/// `active/` with the lock `absent`; the reference only looks at the lock and hangs).
+/// Returns the status it read when nothing had to be cleared: it is still current, so a
+/// caller needs no second `millrace status` (0.6 s each).
+async fn clear_stale_if_needed(plan: &Plan<'_>) -> Option<Map<String, Value>> {
+    let status = plan.millrace.status(plan.workspace, plan.cwd).await.ok()?;
+    let stale = status.get("runtime_ownership_lock").and_then(Value::as_str) == Some("stale");
+    let orphaned = status.get("process_running") == Some(&Value::Bool(false))
+        && status
+            .get("active_run_count")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            > 0;
+    if !stale && !orphaned {
+        return Some(status);
     }
+    let args: Vec<std::ffi::OsString> = vec![
+        "control".into(),
+        "clear-stale-state".into(),
+        "--workspace".into(),
+        plan.workspace.into(),
+    ];
+    if let Err(err) = plan.millrace.run_checked(&args, plan.cwd).await {
+        tracing::warn!(%err, "clear-stale-state failed");
+    }
+    None
 }
 
 /// Wakes the monitor when anything under `millrace-agents/` changes.
