@@ -25,6 +25,36 @@ fn enqueue(id: &str, ws: &str, text: &str, intake: &str) -> Value {
     r
 }
 
+/// Frames of one request, subscribed (and the subscription flushed) before it is sent.
+async fn frames_of(client: &async_nats::Client, request_id: &str) -> async_nats::Subscriber {
+    let frames = client
+        .subscribe(subjects::frames_of_request(request_id))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    frames
+}
+
+/// Sends a request on a task of its own: it is on the wire at once, awaited later.
+fn spawn_request(
+    client: &async_nats::Client,
+    subject: String,
+    request: &Value,
+) -> tokio::task::JoinHandle<Result<async_nats::Message, async_nats::RequestError>> {
+    let client = client.clone();
+    let payload = request.to_string();
+    tokio::spawn(async move {
+        client
+            .send_request(
+                subject,
+                async_nats::Request::new()
+                    .payload(payload.into())
+                    .timeout(Some(Duration::from_secs(240))),
+            )
+            .await
+    })
+}
+
 /// Sends a request like an adapter: frames subscribed first, then the request; returns
 /// the result and every frame of this request, in arrival order.
 async fn send_and_follow(
@@ -33,22 +63,12 @@ async fn send_and_follow(
     request: &Value,
 ) -> (Value, Vec<Value>) {
     let id = request["request_id"].as_str().expect("request_id");
-    let mut frames = client
-        .subscribe(subjects::frames_of_request(id))
-        .await
-        .expect("subscribe");
-    client.flush().await.expect("flush");
-    let reply = client.send_request(
-        subject,
-        async_nats::Request::new()
-            .payload(request.to_string().into())
-            .timeout(Some(Duration::from_secs(240))),
-    );
-    tokio::pin!(reply);
+    let mut frames = frames_of(client, id).await;
+    let mut reply = spawn_request(client, subject, request);
     let mut seen = Vec::new();
     let answer = loop {
         tokio::select! {
-            answer = &mut reply => break answer.expect("an answer"),
+            answer = &mut reply => break answer.expect("task").expect("an answer"),
             Some(frame) = frames.next() => seen.push(serde_json::from_slice::<Value>(&frame.payload).expect("frame JSON")),
         }
     };
@@ -339,17 +359,13 @@ fn a_killed_daemon_is_restarted_and_the_work_completes() {
         let client = s.nats.client().await;
         s.worker.wait_ready(&client).await;
         let request = enqueue("req-crash", "alpha", "Fix src/app.py so tests/test_app.py passes", "task");
-        let mut frames = client.subscribe(subjects::frames_of_request("req-crash")).await.expect("subscribe");
-        let reply = client.send_request(
-            subjects::request_by_id("alpha"),
-            async_nats::Request::new().payload(request.to_string().into()).timeout(Some(Duration::from_secs(240))),
-        );
-        tokio::pin!(reply);
+        let mut frames = frames_of(&client, "req-crash").await;
+        let mut reply = spawn_request(&client, subjects::request_by_id("alpha"), &request);
         let mut pid = None;
         let mut types = Vec::new();
         let answer = loop {
             tokio::select! {
-                answer = &mut reply => break answer.expect("answer"),
+                answer = &mut reply => break answer.expect("task").expect("answer"),
                 Some(frame) = frames.next() => {
                     let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
                     types.push(frame["event_type"].as_str().unwrap_or("").to_string());
@@ -513,24 +529,8 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
             "Fix src/app.py so tests/test_app.py passes",
             "task",
         );
-        let mut frames = client
-            .subscribe(subjects::frames_of_request("req-term"))
-            .await
-            .expect("subscribe");
-        client.flush().await.expect("flush");
-        let send = |req: Value| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                client
-                    .send_request(
-                        subjects::request_by_id("alpha"),
-                        async_nats::Request::new()
-                            .payload(req.to_string().into())
-                            .timeout(Some(Duration::from_secs(240))),
-                    )
-                    .await
-            })
-        };
+        let mut frames = frames_of(&client, "req-term").await;
+        let send = |req: Value| spawn_request(&client, subjects::request_by_id("alpha"), &req);
         let reply = send(request);
         let status = request_json(
             "req-term-status",
@@ -606,22 +606,8 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
             "Fix src/one.py so tests/test_one.py passes",
             "task",
         );
-        let mut frames = client
-            .subscribe(subjects::frames_of_request("req-host-1"))
-            .await
-            .expect("subscribe");
-        client.flush().await.expect("flush");
-        let sender = client.clone();
-        let reply = tokio::spawn(async move {
-            sender
-                .send_request(
-                    subjects::request_by_id("alpha"),
-                    async_nats::Request::new()
-                        .payload(first.to_string().into())
-                        .timeout(Some(Duration::from_secs(240))),
-                )
-                .await
-        });
+        let mut frames = frames_of(&client, "req-host-1").await;
+        let reply = spawn_request(&client, subjects::request_by_id("alpha"), &first);
         let mut first_frames = Vec::new();
         while let Some(frame) = frames.next().await {
             let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
