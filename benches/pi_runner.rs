@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use millracer::pi::{PiConfig, PiRunner, SessionKind};
+use millracer::agent::pi::{PiConfig, PiRunner, SessionKind};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
-use millracer::subjects;
+use millracer::bus::subjects;
 use serde_json::{Value, json};
 
 /// Marks every process the bench starts (inherited by what those start: daemons,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use millracer::subjects::{self, JobClass};
+use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
 
 fn nats_server_bin() -> PathBuf {

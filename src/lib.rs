@@ -3,33 +3,23 @@
 //! Adapters publish typed OpsRequests; a worker runs them against the local Millrace
 //! workspaces it serves, one change at a time per workspace, streams ordered event
 //! frames and answers with exactly one OpsResult. See the README for the subject layout.
+//!
+//! The folders follow a request's path, and each may import only the folders below it:
+//!
+//! ```text
+//! app      the commands: worker, ops, events, run, operator; cli, config, telemetry
+//!  └─ bus      NATS: subjects, connecting, publishing, micro discovery, durable intake, client
+//!  └─ engine   one request's life: ledger, lanes, frames, dispatch to an action
+//!      └─ actions   the action vocabulary, planning, one file per action
+//!          └─ millrace  the local runtime: commands, daemon, records, monitor, delegation
+//!          └─ agent     the natural-language route: decision, prompts, the pi runner
+//!              └─ contract  the messages, their vocabulary, the Python-compatible JSON
+//! ```
 
 pub mod actions;
 pub mod agent;
-pub mod bridge;
-pub mod cli;
-pub mod commands;
-pub mod config;
+pub mod app;
+pub mod bus;
 pub mod contract;
-pub mod daemon;
-pub mod decision;
-pub mod delegation;
-pub mod dispatch;
 pub mod engine;
-pub mod events;
-pub mod intake;
-pub mod ledger;
-pub mod legacy;
-pub mod monitor;
-pub mod pi;
-pub mod progress;
-pub mod prompts;
-pub mod records;
-pub mod runtime;
-pub mod sessions;
-pub mod status_cache;
-pub mod subjects;
-pub mod telemetry;
-pub mod transport;
-pub mod worker;
-pub mod workspace;
+pub mod millrace;

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use millracer::cli::{Cli, Command};
-use millracer::{bridge, commands, events, telemetry, worker};
+use millracer::app::cli::{Cli, Command};
+use millracer::app::{events, operator, ops, run, telemetry, worker};
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         }
         Command::Ops(args) => {
             let _telemetry = telemetry("warn", "millracer-ops");
-            runtime.block_on(bridge::run(args))
+            runtime.block_on(ops::run(args))
         }
         Command::Events(args) => {
             let _telemetry = telemetry("warn", "millracer-events");
@@ -43,11 +43,11 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let _telemetry = telemetry("warn", "millracer-run");
-            runtime.block_on(commands::run::run(args))
+            runtime.block_on(run::run(args))
         }
         Command::Operator(args) => {
             let _telemetry = telemetry("warn", "millracer-operator");
-            runtime.block_on(commands::operator::run(args))
+            runtime.block_on(operator::run(args))
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))

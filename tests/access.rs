@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::{NatsServer, Worker, Workspace, repo_root, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
-use millracer::subjects::{self, JobClass};
+use millracer::bus::subjects::{self, JobClass};
 use serde_json::json;
 
 const WORKER: (&str, &str) = ("worker", "worker-change-me");

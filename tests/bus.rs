@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::schemas::assert_valid;
 use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops};
 use futures::StreamExt;
-use millracer::subjects;
+use millracer::bus::subjects;
 use serde_json::{Value, json};
 
 fn parse(bytes: &[u8]) -> Value {

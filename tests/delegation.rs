@@ -10,7 +10,7 @@ use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
 use common::{NatsServer, Worker, request_json, rt, run_ops};
 use futures::StreamExt;
-use millracer::subjects;
+use millracer::bus::subjects;
 use serde_json::{Value, json};
 
 fn enqueue(id: &str, ws: &str, text: &str, intake: &str) -> Value {

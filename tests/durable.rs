@@ -13,7 +13,7 @@ use async_nats::jetstream;
 use common::stand_in::StandInWorkspace;
 use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
-use millracer::subjects::{self, JobClass};
+use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
 
 fn enqueue(id: &str, ws: &str, text: &str) -> Value {

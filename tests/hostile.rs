@@ -11,14 +11,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use millracer::actions::dispatch::{Service, Serving, Settings};
+use millracer::bus::subjects;
 use millracer::contract::parse_request;
-use millracer::dispatch::{Service, Serving, Settings};
-use millracer::engine::{Engine, EngineOptions};
-use millracer::progress::{Outbound, ReplyTo};
-use millracer::runtime::Millrace;
-use millracer::sessions::SessionStore;
-use millracer::subjects;
-use millracer::workspace::{Registry, WorkspaceRecord};
+use millracer::engine::frames::{Outbound, ReplyTo};
+use millracer::engine::service::{Engine, EngineOptions};
+use millracer::millrace::command::Millrace;
+use millracer::millrace::sessions::SessionStore;
+use millracer::millrace::workspace::{Registry, WorkspaceRecord};
 use serde_json::{Map, Value, json};
 
 const INPUTS: usize = 100_000;

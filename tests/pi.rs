@@ -16,7 +16,7 @@ use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
 use common::{NatsServer, Worker, pi_bin, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
-use millracer::subjects;
+use millracer::bus::subjects;
 use serde_json::{Value, json};
 
 /// `millracer <args…>` with pi's private environment.

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Workspace, millrace_bin};
-use millracer::runtime::Millrace;
-use millracer::status_cache::StatusCache;
+use millracer::millrace::command::Millrace;
+use millracer::millrace::status::StatusCache;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_is_shared_until_the_runtime_files_change_or_it_ages() {

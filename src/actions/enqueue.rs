@@ -1,7 +1,7 @@
-//! `enqueue`: a task, direct or delegated to the real runtime (see [`crate::delegation`]).
+//! `enqueue`: a task, direct or delegated to the real runtime (see [`crate::millrace::delegation`]).
 //!
 //! With a pi runner (a worker started with `--pi-runner`, or the in-process bridge), the
-//! route is the reference's natural-language route ([`crate::agent`]): `auto` asks pi for
+//! route is the reference's natural-language route ([`crate::agent::runner`]): `auto` asks pi for
 //! the decision, `direct` has pi do the work, a delegated run sends pi progress notes and
 //! ends with pi's final answer. Without one, route `millrace` (and `auto`, with the
 //! reference's deterministic intake fallback) delegates and the answer is Millracer's
@@ -22,15 +22,15 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use super::Context;
-use crate::agent::{self, AgentError, Delegate, Delegated, Job};
+use crate::agent::decision::Decision;
+use crate::agent::legacy::{LegacyEvent, RunResult};
+use crate::agent::runner::{self, AgentError, Delegate, Delegated, Job};
+use crate::contract::progress::Tap;
+use crate::contract::token;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
-use crate::decision::Decision;
-use crate::delegation::{self, DelegationError, Outcome};
-use crate::intake::{self, IntakeKind};
-use crate::legacy::{LegacyEvent, RunResult};
-use crate::progress::Tap;
-use crate::runtime::command_cwd;
-use crate::subjects;
+use crate::millrace::command::command_cwd;
+use crate::millrace::delegation::{self, DelegationError, Outcome};
+use crate::millrace::intake::{self, IntakeKind};
 
 /// The reference's `_task_text`: `input.text`, else `input.payload.task` (or `.text`).
 pub fn task_text(input: &Map<String, Value>) -> Option<String> {
@@ -107,14 +107,14 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         return without_pi(&cx, &task, route, forced, &mode, delegate).await;
     };
     let session = runner.session(&cwd);
-    let options = agent::Options {
+    let options = runner::Options {
         workspace: &root,
         route,
         intake: forced,
         scoped: cx.request.scoped_work_item.as_ref(),
         notify: settings.notify_terminal_stages,
     };
-    let outcome = agent::run(&session, &task, &options, delegate).await;
+    let outcome = runner::run(&session, &task, &options, delegate).await;
     session.close().await;
     match outcome {
         Ok(run) => ops_result(&cx, &task, &run),
@@ -197,13 +197,13 @@ impl Delegate for InProcess<'_, '_> {
             daemon_timeout: settings.daemon_timeout,
             max_restarts: settings.max_daemon_restarts,
             keep_daemon: settings.keep_daemon,
-            log_name: subjects::token(&self.cx.request.request_id),
+            log_name: token::token(&self.cx.request.request_id),
             resume: self.cx.resume,
         };
         let workspace = self.root.display().to_string();
         let progress = self.cx.progress;
         progress.set_tap(Tap::new(move |frame| {
-            if let Some(note) = agent::progress_note(frame, &workspace) {
+            if let Some(note) = runner::progress_note(frame, &workspace) {
                 let _ = notes.send(note);
             }
         }));

@@ -1,5 +1,6 @@
 //! One file per action. Each handler turns a resolved request into its OpsResult.
 
+pub mod dispatch;
 pub mod enqueue;
 pub mod inspect_session;
 pub mod list_sessions;
@@ -10,10 +11,10 @@ pub mod unsupported;
 
 use serde_json::{Map, Value};
 
+use crate::actions::dispatch::Service;
+use crate::contract::progress::Progress;
 use crate::contract::{Completion, OpsRequest, OpsResult, Record, ResultStatus};
-use crate::dispatch::Service;
-use crate::progress::Progress;
-use crate::workspace::Resolution;
+use crate::millrace::workspace::Resolution;
 
 /// What a handler gets: the process's service, the request, its resolution and a way to
 /// emit progress frames.
@@ -24,7 +25,7 @@ pub struct Context<'a> {
     pub started_at: String,
     pub progress: &'a Progress,
     /// A request another worker started and left: the work to pick up (delegated runs).
-    pub resume: Option<&'a crate::delegation::Resume>,
+    pub resume: Option<&'a crate::millrace::delegation::Resume>,
 }
 
 impl Context<'_> {

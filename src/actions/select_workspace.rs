@@ -5,7 +5,7 @@ use serde_json::Map;
 
 use super::Context;
 use crate::contract::{OpsResult, Record};
-use crate::workspace::Resolution;
+use crate::millrace::workspace::Resolution;
 
 pub fn run(cx: Context<'_>) -> OpsResult {
     let workspace_id = cx.request.payload_string("workspace_id");

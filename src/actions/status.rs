@@ -2,7 +2,7 @@
 
 use super::Context;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
-use crate::runtime::command_cwd;
+use crate::millrace::command::command_cwd;
 
 pub async fn run(cx: Context<'_>) -> OpsResult {
     let Some(root) = cx.resolution.root.as_deref() else {

@@ -5,10 +5,12 @@
 //! knows about NATS or the runtime.
 
 pub mod frame;
+pub mod progress;
 pub mod pyjson;
 pub mod request;
 pub mod result;
 pub mod time;
+pub mod token;
 
 pub use frame::OpsEventFrame;
 pub use request::{OpsRequest, RequestError, ScopedWorkItem, WorkspaceRef, parse_request};

@@ -1,0 +1,822 @@
+//! `millracer ops`: reads one OpsRequest from stdin, sends it over the bus (or runs it
+//! in-process) and prints the OpsResult the way the reference prints it.
+//!
+//! Exit codes: 0 done (also `blocked`/`incomplete`), 1 the result is `failed` or the
+//! request is invalid (the reference's), 2 usage, 3 no worker answers for the workspace
+//! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use futures::StreamExt;
+use tracing::Instrument;
+
+use crate::actions::dispatch::{Action, Service, Serving};
+use crate::agent::pi::{PiError, PiRunner, SessionKind};
+use crate::app::cli::{CommonOptions, NatsOptions, OpsArgs, Submit, Transport, secs};
+use crate::bus::durable;
+use crate::bus::nats::{self, Patience};
+use crate::bus::subjects;
+use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
+use crate::millrace::sessions::SessionStore;
+use crate::millrace::workspace::{Registry, WorkspaceRecord, resolve_path};
+
+pub const EXIT_NO_WORKER: i32 = 3;
+pub const EXIT_TIMEOUT: i32 = 4;
+
+/// How long `auto` and `nats` wait for the broker before deciding there is none.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Why a request got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// No broker, or no worker answers for the workspace.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("timed out after {0:?} waiting for the result")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Failed(String),
+    /// The in-process service could not be built (e.g. a `--skill` that does not exist).
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub async fn run(args: OpsArgs) -> i32 {
+    if !args.json && !args.stream_json {
+        eprintln!("millracer: error: ops requires --json or --stream-json");
+        return 2;
+    }
+    let link = Link {
+        transport: args.transport,
+        nats: args.nats.clone(),
+        timeout: args.timeout.map(secs),
+        workspace: args.workspace.clone(),
+        common: args.common.clone(),
+        submit: args.submit,
+    };
+    if let Some(request_id) = args.attach.clone() {
+        let mut out = Output::new(args.stream_json);
+        let want_frames = out.wants_frames();
+        let attached = {
+            let mut on_frame = |frame: FrameIn<'_>| out.frame_line(frame.line);
+            attach(&link, &request_id, want_frames, &mut on_frame).await
+        };
+        return finish(attached, &mut out);
+    }
+    let mut raw = Vec::new();
+    if let Err(err) = std::io::stdin().read_to_end(&mut raw) {
+        eprintln!("millracer: error: {err}");
+        return 1;
+    }
+    let request = match parse_request(&raw) {
+        Ok(request) => request,
+        Err(err) => {
+            eprintln!("millracer: error: {err}");
+            return 1;
+        }
+    };
+    let mut out = Output::new(args.stream_json);
+    let want_frames = out.wants_frames();
+    let span = tracing::info_span!(
+        "ops",
+        request_id = %request.request_id,
+        action = %request.action,
+        transport = ?args.transport,
+    );
+    let sent = {
+        let mut on_frame = |frame: FrameIn<'_>| out.frame_line(frame.line);
+        send(&link, &raw, &request, want_frames, &mut on_frame)
+            .instrument(span)
+            .await
+    };
+    finish(sent, &mut out)
+}
+
+/// Prints the outcome and gives the exit code.
+fn finish(outcome: Result<OpsResult, BusError>, out: &mut Output) -> i32 {
+    match outcome {
+        Ok(result) => {
+            out.result(&result);
+            i32::from(result.status == ResultStatus::Failed)
+        }
+        Err(err) => {
+            eprintln!("millracer: error: {err}");
+            err.exit_code()
+        }
+    }
+}
+
+/// Where a request goes: the transport, the bus settings, and what the in-process service
+/// is built from (the CLI workspace and the common options).
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub transport: Transport,
+    pub nats: NatsOptions,
+    /// Give up waiting for a result on the bus after this long (default: wait).
+    pub timeout: Option<Duration>,
+    /// The reference's CLI workspace (`--workspace`).
+    pub workspace: PathBuf,
+    pub common: CommonOptions,
+    /// Durable submission (the jobs stream and the results bucket), or core request/reply.
+    pub submit: Submit,
+}
+
+/// One frame on its way to the caller: its JSON line as sent, and the frame when it
+/// could be read.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameIn<'a> {
+    pub line: &'a str,
+    pub frame: Option<&'a OpsEventFrame>,
+}
+
+/// Sends one request the way `ops` does and returns its result: over the bus when a
+/// worker answers for the workspace (`auto`, `nats`), else in-process (`auto` says so on
+/// stderr, `local`). `on_frame` sees the request's frames in order; on the bus only when
+/// `want_frames` (subscribing costs a round trip). `ops`, `run` and `operator` all send
+/// through here, so their work reaches the same dispatch and their frames appear on the
+/// bus like any adapter's.
+pub async fn send(
+    link: &Link,
+    raw: &[u8],
+    request: &OpsRequest,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) -> Result<OpsResult, BusError> {
+    match link.transport {
+        Transport::Local => local(link, raw, on_frame).await,
+        Transport::Nats => bus(link, raw, request, want_frames, on_frame, true).await,
+        Transport::Auto => match bus(link, raw, request, want_frames, on_frame, false).await {
+            Err(BusError::Unavailable(why)) => {
+                eprintln!("millracer: note: {why}; running in-process");
+                local(link, raw, on_frame).await
+            }
+            other => other,
+        },
+    }
+}
+
+impl BusError {
+    /// The exit code of `ops` for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Unavailable(_) => EXIT_NO_WORKER,
+            Self::Timeout(_) => EXIT_TIMEOUT,
+            Self::Failed(_) | Self::Setup(_) => 1,
+        }
+    }
+}
+
+/// The bus, by the chosen submission.
+async fn bus(
+    link: &Link,
+    raw: &[u8],
+    request: &OpsRequest,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+    required: bool,
+) -> Result<OpsResult, BusError> {
+    match link.submit {
+        Submit::Request => via_bus(link, raw, request, want_frames, on_frame, required).await,
+        Submit::Durable => via_durable(link, raw, request, want_frames, on_frame, required).await,
+    }
+}
+
+/// Prints frames and the result on stdout in the chosen format, and on a terminal keeps
+/// a progress line on stderr (stdout stays machine-readable).
+struct Output {
+    stream: bool,
+    line: Option<indicatif::ProgressBar>,
+}
+
+impl Output {
+    fn new(stream: bool) -> Self {
+        let line = (std::io::stderr().is_terminal()
+            && std::env::var_os("MILLRACER_NO_PROGRESS").is_none())
+        .then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar.set_message("waiting for the worker");
+            bar
+        });
+        Self { stream, line }
+    }
+
+    /// Whether frames are wanted at all (printed, or shown on the progress line).
+    fn wants_frames(&self) -> bool {
+        self.stream || self.line.is_some()
+    }
+
+    fn frame_line(&mut self, line: &str) {
+        if let Some(bar) = &self.line
+            && let Ok(frame) = serde_json::from_str::<OpsEventFrame>(line)
+        {
+            bar.set_message(progress_message(&frame));
+        }
+        if self.stream {
+            let write = || {
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}");
+                let _ = stdout.flush();
+            };
+            match &self.line {
+                Some(bar) => bar.suspend(write),
+                None => write(),
+            }
+        }
+    }
+
+    fn result(&mut self, result: &OpsResult) {
+        if let Some(bar) = self.line.take() {
+            bar.finish_and_clear();
+        }
+        let mut stdout = std::io::stdout().lock();
+        let text = if self.stream {
+            result.to_json_line()
+        } else {
+            result.to_pretty_json()
+        };
+        let _ = writeln!(stdout, "{text}");
+        let _ = stdout.flush();
+    }
+}
+
+/// The progress line for a frame: the stage when one runs, the lane position when
+/// waiting, else the frame's own message.
+fn progress_message(frame: &OpsEventFrame) -> String {
+    let p = &frame.payload;
+    match frame.event_type.as_str() {
+        "request.queued" => format!(
+            "queued in lane {} at position {}",
+            p.get("lane").and_then(|v| v.as_str()).unwrap_or("?"),
+            p.get("position").and_then(|v| v.as_u64()).unwrap_or(0)
+        ),
+        "runtime.stage_started" => format!(
+            "{} running on {}",
+            p.get("stage").and_then(|v| v.as_str()).unwrap_or("stage"),
+            p.get("work_item_id").and_then(|v| v.as_str()).unwrap_or("")
+        ),
+        _ => frame.message.clone(),
+    }
+}
+
+/// The reference's in-process service: one registered workspace `default` at
+/// `--workspace`, any path allowed, and a pi runner from the common options.
+pub fn local_service(
+    workspace: &std::path::Path,
+    common: &CommonOptions,
+) -> Result<Service, PiError> {
+    let root = resolve_path(workspace);
+    let record = WorkspaceRecord {
+        id: "default".to_string(),
+        display_name: root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| Some(root.display().to_string())),
+        default_mode: Some(common.millrace_mode.clone()),
+        tags: Vec::new(),
+        root: root.clone(),
+    };
+    let registry = Registry::new(vec![record], Some("default".to_string())).unwrap_or_default();
+    let pi = PiRunner::new(common.pi_config(SessionKind::Rpc, Some(&root))?);
+    Ok(Service {
+        registry,
+        serving: Serving::AnyPath,
+        cli_workspace: Some(root),
+        millrace: common.millrace(),
+        sessions: SessionStore::new(SessionStore::default_path()),
+        settings: common.settings(),
+        status_cache: None,
+        pi: Some(pi),
+    })
+}
+
+async fn local(
+    link: &Link,
+    raw: &[u8],
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) -> Result<OpsResult, BusError> {
+    let service =
+        local_service(&link.workspace, &link.common).map_err(|e| BusError::Setup(e.to_string()))?;
+    crate::bus::local::run_once(service, raw, |frame| {
+        let line = frame.to_json_line();
+        on_frame(FrameIn {
+            line: &line,
+            frame: Some(frame),
+        });
+    })
+    .await
+    .ok_or_else(|| BusError::Failed("no result was produced".to_string()))
+}
+
+/// Request subjects to try, most specific first.
+fn candidate_subjects(request: &OpsRequest, cli_workspace: &std::path::Path) -> Vec<String> {
+    if !Action::parse(&request.action).needs_workspace() {
+        return vec![subjects::request_any()];
+    }
+    let wref = &request.workspace_ref;
+    let mut subjects = Vec::new();
+    if let Some(id) = &wref.workspace_id {
+        subjects.push(subjects::request_by_id(id));
+    }
+    match &wref.root_path {
+        Some(root) => subjects.push(subjects::request_by_path(&resolve_path(
+            std::path::Path::new(root),
+        ))),
+        None if wref.workspace_id.is_none() => {
+            subjects.push(subjects::request_by_path(&resolve_path(cli_workspace)));
+        }
+        None => {}
+    }
+    subjects
+}
+
+async fn via_bus(
+    link: &Link,
+    raw: &[u8],
+    request: &OpsRequest,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+    ask_any_worker: bool,
+) -> Result<OpsResult, BusError> {
+    let url = nats::url(&link.nats.credentials(), None);
+    let client = nats::connect(
+        &link.nats.credentials(),
+        &url,
+        "millracer-ops",
+        Patience::Once(CONNECT_PATIENCE),
+    )
+    .await
+    .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    if !ask_any_worker {
+        // `auto`: find a worker first (the NATS micro protocol), so a bus without one
+        // falls back at once.
+        let ping = format!("$SRV.PING.{}", crate::bus::micro::SERVICE_NAME);
+        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(BusError::Unavailable(format!(
+                    "no millracer worker answers on {url}"
+                )));
+            }
+        }
+    }
+    let mut frames = if want_frames {
+        Some(
+            client
+                .subscribe(subjects::frames_of_request(&request.request_id))
+                .await
+                .map_err(|e| BusError::Failed(format!("cannot subscribe to frames: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let timeout = link.timeout;
+    let mut reply = None;
+    let mut candidates = candidate_subjects(request, &link.workspace);
+    // With the bus required, a workspace no worker serves still gets an answer from any
+    // worker there is: a clear `workspace_not_served` result rather than silence.
+    if ask_any_worker && !candidates.contains(&subjects::request_any()) {
+        candidates.push(subjects::request_any());
+    }
+    for subject in candidates {
+        let mut headers = async_nats::HeaderMap::new();
+        crate::bus::trace::inject(&tracing::Span::current(), &mut headers);
+        let sending = client.send_request(
+            subject.clone(),
+            async_nats::Request::new()
+                .payload(raw.to_vec().into())
+                .headers(headers)
+                .timeout(timeout),
+        );
+        tokio::pin!(sending);
+        let answer = loop {
+            tokio::select! {
+                answer = &mut sending => break answer,
+                Some(message) = next_frame(&mut frames) => deliver(&message, on_frame),
+            }
+        };
+        match answer {
+            Ok(message) => {
+                reply = Some(message);
+                break;
+            }
+            Err(err) if err.kind() == RequestErrorKind::NoResponders => continue,
+            Err(err) if err.kind() == RequestErrorKind::TimedOut => {
+                return Err(BusError::Timeout(timeout.unwrap_or_default()));
+            }
+            Err(err) => return Err(BusError::Failed(format!("request failed: {err}"))),
+        }
+    }
+    let Some(reply) = reply else {
+        return Err(BusError::Unavailable(format!(
+            "no worker on {url} answers for {}",
+            describe_target(request, &link.workspace)
+        )));
+    };
+    let result: OpsResult = serde_json::from_slice(&reply.payload)
+        .map_err(|e| BusError::Failed(format!("the worker sent an unreadable result: {e}")))?;
+    // Frames precede the result on the worker's connection, but arrive here on another
+    // subscription: print the ones still buffered, up to the finished frame.
+    if let Some(frames) = frames.as_mut() {
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(500), frames.next()).await
+        {
+            deliver(&message, on_frame);
+            let finished = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
+                .is_some_and(|v| v.as_str() == "request.finished");
+            if finished {
+                break;
+            }
+        }
+    }
+    Ok(result)
+}
+
+fn deliver(message: &async_nats::Message, on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send)) {
+    deliver_bytes(&message.payload, on_frame);
+}
+
+/// Hands one frame, as received, to the caller.
+fn deliver_bytes(payload: &[u8], on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send)) {
+    let line = String::from_utf8_lossy(payload);
+    let frame = serde_json::from_slice::<OpsEventFrame>(payload).ok();
+    on_frame(FrameIn {
+        line: &line,
+        frame: frame.as_ref(),
+    });
+}
+
+async fn next_frame(frames: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match frames {
+        Some(frames) => frames.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe_target(request: &OpsRequest, cli_workspace: &std::path::Path) -> String {
+    let wref = &request.workspace_ref;
+    if !Action::parse(&request.action).needs_workspace() {
+        return format!("action {}", request.action);
+    }
+    match (&wref.workspace_id, &wref.root_path) {
+        (Some(id), _) => format!("workspace id {id:?}"),
+        (None, Some(root)) => format!(
+            "workspace {}",
+            resolve_path(std::path::Path::new(root)).display()
+        ),
+        (None, None) => format!("workspace {}", resolve_path(cli_workspace).display()),
+    }
+}
+
+/// Connects; with `find_worker` (`auto`) also finds a worker first (the NATS micro
+/// protocol), so a bus without one falls back at once.
+async fn connect(link: &Link, find_worker: bool) -> Result<(async_nats::Client, String), BusError> {
+    let url = nats::url(&link.nats.credentials(), None);
+    let client = nats::connect(
+        &link.nats.credentials(),
+        &url,
+        "millracer-ops",
+        Patience::Once(CONNECT_PATIENCE),
+    )
+    .await
+    .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    if find_worker {
+        let ping = format!("$SRV.PING.{}", crate::bus::micro::SERVICE_NAME);
+        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(BusError::Unavailable(format!(
+                    "no millracer worker answers on {url}"
+                )));
+            }
+        }
+    }
+    Ok((client, url))
+}
+
+/// The jobs subject of a request, most specific first: its workspace id, else its root
+/// path (or the bridge's `--workspace`); workspace-less actions go to any worker.
+fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path) -> String {
+    let action = Action::parse(&request.action);
+    if !action.needs_workspace() {
+        return subjects::jobs_any();
+    }
+    let class = if action.is_mutating() {
+        subjects::JobClass::Change
+    } else {
+        subjects::JobClass::Read
+    };
+    let wref = &request.workspace_ref;
+    match (&wref.workspace_id, &wref.root_path) {
+        (Some(id), _) => subjects::jobs_by_id(id, class),
+        (None, Some(root)) => {
+            subjects::jobs_by_path(&resolve_path(std::path::Path::new(root)), class)
+        }
+        (None, None) => subjects::jobs_by_path(&resolve_path(cli_workspace), class),
+    }
+}
+
+/// The jobs stream and the results bucket, as workers set them up. The bridge creates
+/// neither: a broker where no worker ever set up durable intake has no worker ("no worker",
+/// exit 3, or in-process with `auto`), while on one where workers run, a request waits in
+/// the stream for a worker serving its workspace.
+async fn jetstream_parts(
+    client: &async_nats::Client,
+    url: &str,
+) -> Result<
+    (
+        async_nats::jetstream::Context,
+        async_nats::jetstream::kv::Store,
+    ),
+    BusError,
+> {
+    let js = async_nats::jetstream::new(client.clone());
+    let missing = |what: &str, err: String| {
+        BusError::Unavailable(format!(
+            "no worker on {url} takes durable requests ({what}: {err})"
+        ))
+    };
+    js.get_stream(subjects::JOBS_STREAM)
+        .await
+        .map_err(|e| missing(subjects::JOBS_STREAM, e.to_string()))?;
+    let kv = js
+        .get_key_value(subjects::RESULTS_BUCKET)
+        .await
+        .map_err(|e| missing(subjects::RESULTS_BUCKET, e.to_string()))?;
+    Ok((js, kv))
+}
+
+/// Durable submission: the stored result when there is one; otherwise the request is
+/// published to the jobs stream (deduplicated by request_id) and the result is read from
+/// the results bucket, so a broker restart or a worker crash on the way loses nothing.
+async fn via_durable(
+    link: &Link,
+    raw: &[u8],
+    request: &OpsRequest,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+    required: bool,
+) -> Result<OpsResult, BusError> {
+    let (client, url) = connect(link, !required).await?;
+    let (js, kv) = jetstream_parts(&client, &url).await?;
+    let timeout = link.timeout;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    if let Some(record) = durable::read_record(&kv, &request.request_id)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?
+        && record.is_done()
+    {
+        tracing::debug!(request_id = %request.request_id, "answered from the results bucket");
+        let mut frames = replay_frames(
+            &js,
+            &request.request_id,
+            request.workspace_ref.workspace_id.as_deref(),
+            want_frames,
+        )
+        .await;
+        if let Some(frames) = frames.as_mut() {
+            drain_until_finished(frames, on_frame).await;
+        }
+        return record
+            .result()
+            .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
+    }
+    let mut frames = replay_frames(
+        &js,
+        &request.request_id,
+        request.workspace_ref.workspace_id.as_deref(),
+        want_frames,
+    )
+    .await;
+    let subject = jobs_subject(request, &link.workspace);
+    if required {
+        note_if_unserved(&js, request, &url).await;
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    crate::bus::trace::inject(&tracing::Span::current(), &mut headers);
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(bytes::Bytes::copy_from_slice(raw))
+        .headers(headers)
+        .message_id(subjects::result_key(&request.request_id));
+    // Published until the stream confirms it (a broker restarting is waited for).
+    loop {
+        let attempt = async {
+            js.send_publish(subject.clone(), message.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(ack) => {
+                tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
+                break;
+            }
+            Err(err) if err.contains("maximum") || err.contains("size") => {
+                return Err(BusError::Failed(format!(
+                    "the request of {} bytes is too large for the bus: {err}",
+                    raw.len()
+                )));
+            }
+            Err(err) => {
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+                }
+                tracing::warn!(%err, "cannot store the request yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    wait_for_result(
+        &kv,
+        &request.request_id,
+        &mut frames,
+        on_frame,
+        deadline,
+        timeout,
+    )
+    .await
+}
+
+/// `--attach`: the frames a request published so far, then live ones, then its result.
+async fn attach(
+    link: &Link,
+    request_id: &str,
+    want_frames: bool,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) -> Result<OpsResult, BusError> {
+    let (client, url) = connect(link, false).await?;
+    let (js, kv) = jetstream_parts(&client, &url).await?;
+    let timeout = link.timeout;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let known = durable::read_record(&kv, request_id)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?;
+    if known.is_none() {
+        return Err(BusError::Failed(format!(
+            "no request {request_id:?} is known to the bus (never sent durably, or its result expired)"
+        )));
+    }
+    let workspace = known.and_then(|r| r.workspace);
+    let mut frames = replay_frames(&js, request_id, workspace.as_deref(), want_frames).await;
+    wait_for_result(&kv, request_id, &mut frames, on_frame, deadline, timeout).await
+}
+
+/// A replay of the request's stored frames followed by live ones (an ordered consumer on
+/// the frames stream), when frames are wanted.
+async fn replay_frames(
+    js: &async_nats::jetstream::Context,
+    request_id: &str,
+    workspace: Option<&str>,
+    want_frames: bool,
+) -> Option<async_nats::jetstream::consumer::pull::Ordered> {
+    if !want_frames {
+        return None;
+    }
+    // Named workspace: the exact subject, which a workspace-scoped adapter may read.
+    let filter = match workspace {
+        Some(ws) => subjects::frames(Some(ws), request_id),
+        None => subjects::frames_of_request(request_id),
+    };
+    let stream = js.get_stream(subjects::FRAMES_STREAM).await.ok()?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| tracing::warn!(%e, "cannot replay frames"))
+        .ok()?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| tracing::warn!(%e, "cannot replay frames"))
+        .ok()
+}
+
+async fn next_replayed(
+    frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+) -> Option<async_nats::jetstream::Message> {
+    match frames {
+        Some(frames) => loop {
+            match frames.next().await {
+                Some(Ok(message)) => return Some(message),
+                Some(Err(err)) => {
+                    tracing::debug!(%err, "frame replay interrupted");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => return std::future::pending().await,
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn is_finished(message: &async_nats::jetstream::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
+        .is_some_and(|v| v.as_str() == "request.finished")
+}
+
+/// Prints the frames still on their way, up to the finished frame.
+async fn drain_until_finished(
+    frames: &mut async_nats::jetstream::consumer::pull::Ordered,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+) {
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(1000), frames.next()).await
+    {
+        deliver_bytes(&message.payload, on_frame);
+        if is_finished(&message) {
+            break;
+        }
+    }
+}
+
+/// Waits until the results bucket holds the request's final result, printing frames as
+/// they come. Polls the bucket: unlike a watch, a poll needs no resubscription after a
+/// broker restart.
+async fn wait_for_result(
+    kv: &async_nats::jetstream::kv::Store,
+    request_id: &str,
+    frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+    deadline: Option<tokio::time::Instant>,
+    timeout: Option<Duration>,
+) -> Result<OpsResult, BusError> {
+    let mut finished_seen = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+                }
+                match durable::read_record(kv, request_id).await {
+                    Ok(Some(record)) if record.is_done() => {
+                        if !finished_seen && let Some(frames) = frames.as_mut() {
+                            drain_until_finished(frames, on_frame).await;
+                        }
+                        return record.result().ok_or_else(|| {
+                            BusError::Failed("the stored result is unreadable".to_string())
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!(%err, "cannot read the results bucket yet"),
+                }
+            }
+            Some(message) = next_replayed(frames) => {
+                deliver_bytes(&message.payload, on_frame);
+                finished_seen |= is_finished(&message);
+            }
+        }
+    }
+}
+
+/// With `--transport nats`, says on stderr when no worker is pulling the workspace's
+/// requests right now: the request is stored and waits for one.
+async fn note_if_unserved(js: &async_nats::jetstream::Context, request: &OpsRequest, url: &str) {
+    let action = Action::parse(&request.action);
+    let consumer = if !action.needs_workspace() {
+        subjects::JOBS_ANY_CONSUMER.to_string()
+    } else if let Some(id) = &request.workspace_ref.workspace_id {
+        let class = if action.is_mutating() {
+            subjects::JobClass::Change
+        } else {
+            subjects::JobClass::Read
+        };
+        subjects::jobs_consumer(id, class)
+    } else {
+        return;
+    };
+    let Ok(mut stream) = js.get_stream(subjects::JOBS_STREAM).await else {
+        return;
+    };
+    let waiting = match stream.consumer_info(&consumer).await {
+        Ok(info) => info.num_waiting > 0,
+        Err(_) => false,
+    };
+    let _ = &mut stream;
+    if !waiting {
+        eprintln!(
+            "millracer: note: no worker on {url} takes requests for {} right now; the request is stored and waits for one (durable)",
+            describe_target(request, std::path::Path::new("."))
+        );
+    }
+}

@@ -1,0 +1,768 @@
+//! Durable intake on JetStream: requests wait in the `MILLRACER_JOBS` work queue until a
+//! worker serving their workspace takes them; each request's state and final OpsResult are
+//! kept by request_id in the `MILLRACER_RESULTS` bucket; frames are kept in
+//! `MILLRACER_FRAMES` for replay.
+//!
+//! Why each piece:
+//! - a work-queue stream with `Nats-Msg-Id` = request_id drops a request published twice
+//!   inside the duplicate window;
+//! - the KV record is the idempotency key beyond that window and across workers: `create`
+//!   claims a request once, a finished record is answered without running again, and a record
+//!   left `running` by a worker that is gone is taken over by compare-and-swap, with the work
+//!   item it had queued, so a delegated item is never queued twice;
+//! - acks come after the result is stored (a crash in between redelivers, and the stored
+//!   result then answers); progress acks keep an hours-long run from being redelivered;
+//!   invalid input is answered and then terminated, never retried.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, pull},
+    kv,
+    stream::{DiscardPolicy, RetentionPolicy, StorageType},
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::subjects::{self, JobClass};
+use crate::bus::trace;
+use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
+use crate::engine::frames::ReplyTo;
+use crate::engine::service::{Engine, SubmitHints};
+use crate::millrace::delegation::{Resume, WorkItemRef};
+
+/// How long a delivered request may go without an ack or progress ack before JetStream
+/// hands it to another worker.
+/// The default; `--ack-wait-seconds` sets it for the consumers a worker creates.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries of one request at most (a request that crashes every worker stops somewhere).
+pub const MAX_DELIVER: i64 = 5;
+/// A request published twice within this window is stored once.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long frames are kept for replay.
+pub const FRAMES_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// At most this many bytes of frames are kept (the oldest go first).
+pub const FRAMES_MAX_BYTES: i64 = 1 << 30;
+
+/// Why the durable parts could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DurableError {
+    #[error("cannot set up JetStream {what}: {message}")]
+    Setup { what: String, message: String },
+    #[error(
+        "the JetStream consumer {name} exists with other filters ({found:?}, expected {expected:?}): another worker serves a workspace with this id at another path; delete the consumer or rename the workspace"
+    )]
+    ConsumerDrift {
+        name: String,
+        found: Vec<String>,
+        expected: Vec<String>,
+    },
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(String) -> DurableError {
+    let what = what.into();
+    move |message| DurableError::Setup { what, message }
+}
+
+/// The stored state of one request, by request_id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobRecord {
+    /// `running` or `done`.
+    pub state: String,
+    /// The worker (its service id) that runs or ran it.
+    pub owner: String,
+    pub workspace: Option<String>,
+    pub work_item: Option<WorkItemRef>,
+    pub daemon_pid: Option<u32>,
+    /// The final OpsResult, once done.
+    pub result: Option<Value>,
+    pub updated_at: String,
+}
+
+impl JobRecord {
+    pub fn is_done(&self) -> bool {
+        self.state == "done"
+    }
+
+    /// The stored result as the worker sent it.
+    pub fn result(&self) -> Option<OpsResult> {
+        self.result
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+}
+
+/// Creates (or finds) the streams and the bucket. Idempotent; a stream that exists keeps
+/// its configuration (an operator may have tuned it).
+pub async fn ensure(
+    js: &jetstream::Context,
+    retention: Duration,
+) -> Result<kv::Store, DurableError> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: subjects::JOBS_STREAM.to_string(),
+        description: Some("millracer durable requests (work queue)".to_string()),
+        subjects: vec![subjects::jobs_all()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: retention,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(subjects::JOBS_STREAM)(e.to_string()))?;
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: subjects::FRAMES_STREAM.to_string(),
+        description: Some("millracer event frames, kept for replay".to_string()),
+        subjects: vec![subjects::frames_of_workspace(None)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: FRAMES_MAX_AGE,
+        max_bytes: FRAMES_MAX_BYTES,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(subjects::FRAMES_STREAM)(e.to_string()))?;
+    results_bucket(js, retention).await
+}
+
+/// The results bucket, created when missing.
+pub async fn results_bucket(
+    js: &jetstream::Context,
+    retention: Duration,
+) -> Result<kv::Store, DurableError> {
+    if let Ok(store) = js.get_key_value(subjects::RESULTS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: subjects::RESULTS_BUCKET.to_string(),
+        description: "millracer request state and final results by request_id".to_string(),
+        history: 1,
+        max_age: retention,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup(subjects::RESULTS_BUCKET)(e.to_string()))
+}
+
+/// One durable consumer a worker binds to.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub name: String,
+    pub filters: Vec<String>,
+    /// 1 for changes: the server hands a workspace's changes out one at a time, across
+    /// every worker.
+    pub max_ack_pending: i64,
+    pub ack_wait: Duration,
+}
+
+/// The consumers of a worker serving `workspaces` (`(id, canonical root)`): a change and a
+/// read consumer per workspace, and the `any` consumer. Filters are disjoint, as a
+/// work-queue stream requires.
+pub fn bindings<'a>(
+    workspaces: impl Iterator<Item = (&'a str, &'a std::path::Path)>,
+    ack_wait: Duration,
+) -> Vec<Binding> {
+    let mut out = vec![Binding {
+        name: subjects::JOBS_ANY_CONSUMER.to_string(),
+        filters: vec![subjects::jobs_any()],
+        max_ack_pending: 1000,
+        ack_wait,
+    }];
+    for (id, root) in workspaces {
+        for class in [JobClass::Change, JobClass::Read] {
+            out.push(Binding {
+                name: subjects::jobs_consumer(id, class),
+                filters: vec![
+                    subjects::jobs_by_id(id, class),
+                    subjects::jobs_by_path(root, class),
+                ],
+                max_ack_pending: if class == JobClass::Change { 1 } else { 1000 },
+                ack_wait,
+            });
+        }
+    }
+    out
+}
+
+async fn consumer(
+    js: &jetstream::Context,
+    binding: &Binding,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, DurableError> {
+    let stream = js
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .map_err(|e| setup(subjects::JOBS_STREAM)(e.to_string()))?;
+    let config = pull::Config {
+        durable_name: Some(binding.name.clone()),
+        filter_subjects: binding.filters.clone(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: binding.ack_wait,
+        max_deliver: MAX_DELIVER,
+        max_ack_pending: binding.max_ack_pending,
+        ..Default::default()
+    };
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&binding.name, config)
+        .await
+        .map_err(|e| setup(format!("consumer {}", binding.name))(e.to_string()))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| setup(format!("consumer {}", binding.name))(e.to_string()))?;
+    let mut found = info.config.filter_subjects.clone();
+    if !info.config.filter_subject.is_empty() {
+        found.push(info.config.filter_subject.clone());
+    }
+    let (mut a, mut b) = (found.clone(), binding.filters.clone());
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(DurableError::ConsumerDrift {
+            name: binding.name.clone(),
+            found,
+            expected: binding.filters.clone(),
+        });
+    }
+    Ok(consumer)
+}
+
+/// Where a durable request's result goes: the stored record, then the ack.
+pub struct JsReply {
+    message: Arc<jetstream::Message>,
+    /// The KV key, when the request could be named.
+    key: Option<String>,
+    /// Invalid input: answered, then terminated instead of acked.
+    term: bool,
+    /// Stops the progress acks.
+    progress: CancellationToken,
+}
+
+/// A reply dropped without a result (it should not happen) stops its progress acks, so the
+/// request is redelivered after the ack wait instead of being held forever.
+impl Drop for JsReply {
+    fn drop(&mut self) {
+        self.progress.cancel();
+    }
+}
+
+impl std::fmt::Debug for JsReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsReply")
+            .field("key", &self.key)
+            .field("term", &self.term)
+            .finish()
+    }
+}
+
+/// A worker's durable side: its identity, the bucket, and the records of the requests it
+/// runs (kept in memory so frame-driven updates and the final write never go backwards).
+pub struct Durable {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    kv: kv::Store,
+    owner: String,
+    records: std::sync::Mutex<HashMap<String, (JobRecord, Option<String>)>>,
+    /// KV writes of this worker, one at a time, so a late frame update never overwrites a
+    /// final record.
+    writes: tokio::sync::Mutex<()>,
+    /// Writes and acks still in flight; the worker waits for them before it exits.
+    pub tracker: TaskTracker,
+    ack_wait: Duration,
+}
+
+enum Claim {
+    /// Not seen before: run it.
+    New,
+    /// Finished: the stored result answers; ack without running.
+    Done,
+    /// Another live worker runs it and will store its result.
+    Elsewhere,
+    /// Left by a worker that is gone: run it again from where that worker was.
+    TakeOver(Box<JobRecord>),
+}
+
+impl Durable {
+    pub fn new(
+        js: jetstream::Context,
+        client: async_nats::Client,
+        kv: kv::Store,
+        owner: String,
+        ack_wait: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            js,
+            client,
+            kv,
+            owner,
+            records: std::sync::Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+            tracker: TaskTracker::new(),
+            ack_wait,
+        })
+    }
+
+    /// Pulls from every binding until `stop` fires, handing requests to the engine.
+    pub async fn serve(
+        self: Arc<Self>,
+        engine: Arc<Engine>,
+        bindings: Vec<Binding>,
+        max_request_bytes: usize,
+        stop: CancellationToken,
+    ) -> Result<(), DurableError> {
+        let mut consumers = Vec::new();
+        for binding in &bindings {
+            consumers.push((binding.name.clone(), consumer(&self.js, binding).await?));
+        }
+        let pullers = TaskTracker::new();
+        for (name, consumer) in consumers {
+            let this = self.clone();
+            let engine = engine.clone();
+            let stop = stop.clone();
+            pullers.spawn(async move {
+                this.pull(name, consumer, engine, max_request_bytes, stop)
+                    .await
+            });
+        }
+        pullers.close();
+        pullers.wait().await;
+        Ok(())
+    }
+
+    async fn pull(
+        self: Arc<Self>,
+        name: String,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        engine: Arc<Engine>,
+        max_request_bytes: usize,
+        stop: CancellationToken,
+    ) {
+        tracing::info!(consumer = %name, "pulling durable requests");
+        'outer: while !stop.is_cancelled() {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(50)
+                .messages()
+                .await
+            {
+                Ok(messages) => messages,
+                Err(err) => {
+                    tracing::debug!(%err, consumer = %name, "cannot pull; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break 'outer,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        self.admit(&engine, message, max_request_bytes).await;
+                    }
+                    Some(Err(err)) => {
+                        // Missed heartbeats during a broker outage and the like: the stream
+                        // recovers by itself; a pause keeps this from spinning.
+                        tracing::debug!(%err, consumer = %name, "pull interrupted");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => continue 'outer,
+                }
+            }
+        }
+    }
+
+    /// One delivered request: claim it by request_id, then run, skip or take over.
+    async fn admit(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        message: jetstream::Message,
+        max_request_bytes: usize,
+    ) {
+        let span =
+            tracing::info_span!("nats.receive", subject = %message.subject, jetstream = true);
+        trace::adopt(&span, message.headers.as_ref());
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let raw = message.payload.clone();
+        let message = Arc::new(message);
+        let parsed = (raw.len() <= max_request_bytes)
+            .then(|| parse_request(&raw).ok())
+            .flatten();
+        let Some(request) = parsed else {
+            // Refused by the engine with a clear result; stored under the id it carries.
+            let (request_id, _) = salvage_ids(&raw);
+            let key = (!request_id.is_empty()).then(|| subjects::result_key(&request_id));
+            let reply = JsReply {
+                message,
+                key,
+                term: true,
+                progress: CancellationToken::new(),
+            };
+            engine.submit(&raw, Some(ReplyTo::new(reply)), &span);
+            return;
+        };
+        let key = subjects::result_key(&request.request_id);
+        let workspace = engine.service().plan(&request).workspace_id;
+        let frames_subject = subjects::frames(workspace.as_deref(), &request.request_id);
+        let claim = self.claim(&key, workspace.clone(), delivered).await;
+        let mut hints = SubmitHints::default();
+        match claim {
+            Ok(Claim::New) => {}
+            Ok(Claim::Done) | Ok(Claim::Elsewhere) => {
+                tracing::info!(request_id = %request.request_id, delivered, "request already answered or running elsewhere; not running it again");
+                if let Err(err) = message.ack().await {
+                    tracing::warn!(%err, "cannot ack a repeated request");
+                }
+                return;
+            }
+            Ok(Claim::TakeOver(previous)) => {
+                tracing::info!(request_id = %request.request_id, previous_owner = %previous.owner, work_item = ?previous.work_item.as_ref().map(|w| &w.id), "taking over a request its worker left");
+                hints.last_sequence = self.last_sequence(&frames_subject).await;
+                hints.resume = Some(Resume {
+                    work_item: previous.work_item.clone(),
+                    daemon_pid: previous.daemon_pid,
+                });
+                let mut record = self.running(workspace.clone());
+                record.work_item = previous.work_item;
+                record.daemon_pid = previous.daemon_pid;
+                self.remember(&key, record, None);
+            }
+            Err(err) => {
+                // The bucket is unreachable (a broker outage): leave the request to be
+                // redelivered rather than run it without a claim.
+                tracing::warn!(%err, request_id = %request.request_id, "cannot claim a request; it will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        }
+        let progress = CancellationToken::new();
+        self.tracker.spawn(progress_acks(
+            message.clone(),
+            progress.clone(),
+            self.ack_wait,
+        ));
+        let reply = JsReply {
+            message,
+            key: Some(key),
+            term: false,
+            progress,
+        };
+        engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, hints);
+    }
+
+    fn running(&self, workspace: Option<String>) -> JobRecord {
+        JobRecord {
+            state: "running".to_string(),
+            owner: self.owner.clone(),
+            workspace,
+            work_item: None,
+            daemon_pid: None,
+            result: None,
+            updated_at: time::now(),
+        }
+    }
+
+    fn remember(&self, key: &str, record: JobRecord, pending_path: Option<String>) {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), (record, pending_path));
+    }
+
+    async fn claim(
+        &self,
+        key: &str,
+        workspace: Option<String>,
+        delivered: i64,
+    ) -> Result<Claim, String> {
+        let record = self.running(workspace);
+        let body = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
+        match self.kv.create(key, body.clone()).await {
+            Ok(_) => {
+                self.remember(key, record, None);
+                return Ok(Claim::New);
+            }
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(err) => return Err(err.to_string()),
+        }
+        let entry = self.kv.entry(key).await.map_err(|e| e.to_string())?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            self.kv.put(key, body).await.map_err(|e| e.to_string())?;
+            self.remember(key, record, None);
+            return Ok(Claim::New);
+        };
+        let previous: JobRecord = match serde_json::from_slice(&entry.value) {
+            Ok(previous) => previous,
+            Err(_) => return Ok(Claim::Done),
+        };
+        if previous.is_done() {
+            return Ok(Claim::Done);
+        }
+        if previous.owner == self.owner {
+            // Redelivered to us while we still run it (a broker restart): the engine
+            // attaches this delivery to the running request.
+            return Ok(Claim::New);
+        }
+        if self.owner_alive(&previous.owner).await {
+            tracing::debug!(key, delivered, owner = %previous.owner, "request runs on a live worker");
+            return Ok(Claim::Elsewhere);
+        }
+        let mut taken = previous.clone();
+        taken.owner = self.owner.clone();
+        taken.updated_at = time::now();
+        let body = Bytes::from(serde_json::to_vec(&taken).map_err(|e| e.to_string())?);
+        match self.kv.update(key, body, entry.revision).await {
+            Ok(_) => Ok(Claim::TakeOver(Box::new(previous))),
+            // Another worker took it over first.
+            Err(_) => Ok(Claim::Elsewhere),
+        }
+    }
+
+    /// Whether the worker with this service id still answers `$SRV.PING.millracer.<id>`.
+    async fn owner_alive(&self, owner: &str) -> bool {
+        let subject = format!(
+            "$SRV.PING.{}.{}",
+            crate::bus::micro::SERVICE_NAME,
+            subjects::token(owner)
+        );
+        for _ in 0..2 {
+            match tokio::time::timeout(
+                Duration::from_millis(750),
+                self.client.request(subject.clone(), Bytes::new()),
+            )
+            .await
+            {
+                Ok(Ok(_)) => return true,
+                Ok(Err(err))
+                    if err.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                {
+                    return false;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// The sequence of the last frame stored for this request (0 when none).
+    async fn last_sequence(&self, frames_subject: &str) -> u64 {
+        let Ok(stream) = self.js.get_stream(subjects::FRAMES_STREAM).await else {
+            return 0;
+        };
+        match stream.get_last_raw_message_by_subject(frames_subject).await {
+            Ok(message) => message
+                .headers
+                .get(subjects::HEADER_SEQUENCE)
+                .and_then(|v| v.as_str().parse().ok())
+                .or_else(|| {
+                    serde_json::from_slice::<OpsEventFrame>(&message.payload)
+                        .ok()
+                        .map(|f| f.sequence)
+                })
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    /// Records what a frame says a resuming worker needs: the queued work item and the
+    /// daemon's pid. Called by the publisher for every frame it sends.
+    pub fn observe_frame(self: &Arc<Self>, frame: &OpsEventFrame) {
+        let key = subjects::result_key(&frame.request_id);
+        let text = |k: &str| {
+            frame
+                .payload
+                .get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let changed = {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((record, pending_path)) = records.get_mut(&key) else {
+                return;
+            };
+            match frame.event_type.as_str() {
+                "runtime.intake_written" => {
+                    *pending_path = text("path");
+                    false
+                }
+                "runtime.work_item_queued" => {
+                    match (
+                        text("work_item_id"),
+                        text("path").or_else(|| pending_path.clone()),
+                        text("intake_kind"),
+                    ) {
+                        (Some(id), Some(path), Some(kind)) => {
+                            record.work_item = Some(WorkItemRef {
+                                id,
+                                path: path.into(),
+                                kind,
+                            });
+                            true
+                        }
+                        _ => false,
+                    }
+                }
+                "runtime.daemon_started"
+                | "runtime.daemon_restarted"
+                | "runtime.daemon_adopted" => {
+                    record.daemon_pid = frame
+                        .payload
+                        .get("pid")
+                        .and_then(Value::as_u64)
+                        .and_then(|p| u32::try_from(p).ok());
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            let this = self.clone();
+            self.tracker
+                .spawn(async move { this.write(&key, false).await });
+        }
+    }
+
+    /// Stores the result, then acks (or terminates) the message.
+    pub fn finish(self: &Arc<Self>, reply: JsReply, result: Arc<OpsResult>) {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            reply.progress.cancel();
+            if reply.term {
+                // Invalid input names its request_id only as well as it can: stored only
+                // when nothing is stored under that id, so garbage can never overwrite a
+                // real request's record.
+                if let Some(key) = &reply.key {
+                    this.store_refusal(key, &result).await;
+                }
+            } else if let Some(key) = &reply.key {
+                let value = serde_json::from_str::<Value>(&result.to_json_line()).ok();
+                {
+                    let mut records = this.records.lock().unwrap_or_else(|e| e.into_inner());
+                    let entry = records
+                        .entry(key.clone())
+                        .or_insert_with(|| (this.running(None), None));
+                    entry.0.state = "done".to_string();
+                    entry.0.result = value;
+                }
+                this.write(key, true).await;
+            }
+            // Confirmed by the server, so a worker that exits right after (SIGTERM) has
+            // really handed the request off.
+            let ack = if reply.term {
+                reply.message.double_ack_with(AckKind::Term).await
+            } else {
+                reply.message.double_ack().await
+            };
+            if let Err(err) = ack {
+                tracing::warn!(%err, "cannot ack a finished request (the stored result answers a redelivery)");
+            }
+        });
+    }
+
+    async fn store_refusal(&self, key: &str, result: &OpsResult) {
+        let mut record = self.running(None);
+        record.state = "done".to_string();
+        record.result = serde_json::from_str::<Value>(&result.to_json_line()).ok();
+        let Ok(body) = serde_json::to_vec(&record) else {
+            return;
+        };
+        match self.kv.create(key, Bytes::from(body)).await {
+            Ok(_) => {}
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                tracing::warn!(
+                    key,
+                    "invalid input reuses a stored request_id; its record is kept"
+                );
+            }
+            Err(err) => tracing::warn!(%err, key, "cannot store the answer to invalid input"),
+        }
+    }
+
+    /// Writes the in-memory record to the bucket, retrying through a broker outage (for
+    /// up to ten minutes: a stored final result is what makes a redelivery harmless).
+    async fn write(&self, key: &str, last: bool) {
+        let _one_at_a_time = self.writes.lock().await;
+        let Some(mut record) = self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map(|(r, _)| r.clone())
+        else {
+            return;
+        };
+        if record.is_done() && !last {
+            return;
+        }
+        record.updated_at = time::now();
+        let Ok(body) = serde_json::to_vec(&record) else {
+            return;
+        };
+        let body = Bytes::from(body);
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.kv.put(key, body.clone()).await {
+                Ok(_) => break,
+                Err(err) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(%err, key, "cannot store a request's state; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(err) => {
+                    tracing::error!(%err, key, "gave up storing a request's state");
+                    break;
+                }
+            }
+        }
+        if last {
+            self.records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+        }
+    }
+}
+
+/// Tells JetStream every third of the ack wait that a long request is still being worked
+/// on, until the request finished.
+async fn progress_acks(
+    message: Arc<jetstream::Message>,
+    done: CancellationToken,
+    ack_wait: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(ack_wait / 3) => {}
+        }
+        if let Err(err) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(%err, "cannot send a progress ack");
+        }
+    }
+}
+
+/// Reads a stored record.
+pub async fn read_record(kv: &kv::Store, request_id: &str) -> Result<Option<JobRecord>, String> {
+    let entry = kv
+        .entry(subjects::result_key(request_id))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(entry
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| serde_json::from_slice(&e.value).ok()))
+}

@@ -1,0 +1,12 @@
+//! NATS: every subject (built in [`subjects`] only), connecting, publishing frames and
+//! results, the micro discovery protocol, durable intake on JetStream, and the in-process
+//! stand-in for the bus used by local one-shots.
+//!
+//! May import `engine`, `actions`, `millrace`, `agent` and `contract`; never `app`.
+
+pub mod durable;
+pub mod local;
+pub mod micro;
+pub mod nats;
+pub mod subjects;
+pub mod trace;

@@ -1,0 +1,184 @@
+//! Every NATS subject millracer uses is built here and nowhere else.
+//!
+//! Layout (version early, one plane per purpose):
+//!
+//! | subject | what |
+//! |---|---|
+//! | `millracer.ops.v0_2.req.ws.<workspace>` | OpsRequest for a workspace by id |
+//! | `millracer.ops.v0_2.req.path.<path_key>` | OpsRequest for a workspace by canonical root path |
+//! | `millracer.ops.v0_2.req.any` | any worker; workspace-less actions |
+//! | `millracer.ops.v0_2.frames.<workspace>.<request>` | event frames of one request |
+//! | `millracer.ops.v0_2.jobs.ws.<workspace>.<class>` | durable intake (JetStream) by workspace id |
+//! | `millracer.ops.v0_2.jobs.path.<path_key>.<class>` | durable intake by canonical root path |
+//! | `millracer.ops.v0_2.jobs.any` | durable intake for workspace-less actions |
+//!
+//! `<class>` is `change` for mutating actions (served one at a time per workspace by a
+//! consumer with `max_ack_pending = 1`) and `read` for the rest.
+//!
+//! Anything that comes from a caller (a request_id, a workspace id) passes through
+//! [`token`] before it becomes part of a subject, so `.`, `*`, `>`, spaces and `$` can
+//! never reach another subject.
+
+use std::path::Path;
+
+pub use crate::contract::token::{is_plain_token, path_key, token};
+
+const ROOT: &str = "millracer.ops.v0_2";
+
+/// The queue group every worker joins, so one request reaches one worker.
+pub const QUEUE_GROUP: &str = "millracer-workers";
+
+/// The frames token used when a request resolved no workspace.
+pub const NO_WORKSPACE: &str = "_none";
+
+/// Header carrying the raw request_id on frames and results.
+pub const HEADER_REQUEST_ID: &str = "Millracer-Request-Id";
+/// Header carrying the schema version.
+pub const HEADER_SCHEMA: &str = "Millracer-Schema";
+/// Header carrying a frame's event type, so a consumer can filter without parsing.
+pub const HEADER_EVENT_TYPE: &str = "Millracer-Event-Type";
+/// Header carrying a frame's sequence number.
+pub const HEADER_SEQUENCE: &str = "Millracer-Sequence";
+
+/// Requests for the workspace with this id.
+pub fn request_by_id(workspace_id: &str) -> String {
+    format!("{ROOT}.req.ws.{}", token(workspace_id))
+}
+
+/// Requests for the workspace at this canonical root path.
+pub fn request_by_path(canonical_root: &Path) -> String {
+    format!("{ROOT}.req.path.{}", path_key(canonical_root))
+}
+
+/// Requests any worker may answer.
+pub fn request_any() -> String {
+    format!("{ROOT}.req.any")
+}
+
+/// Frames of one request; `workspace` is the resolved workspace id, if any.
+pub fn frames(workspace: Option<&str>, request_id: &str) -> String {
+    let ws = workspace.map_or_else(|| NO_WORKSPACE.to_string(), token);
+    format!("{ROOT}.frames.{ws}.{}", token(request_id))
+}
+
+/// Subscribe here to follow one request whatever workspace it resolves to.
+pub fn frames_of_request(request_id: &str) -> String {
+    format!("{ROOT}.frames.*.{}", token(request_id))
+}
+
+/// Subscribe here to follow every request of one workspace (or all, with `None`).
+pub fn frames_of_workspace(workspace: Option<&str>) -> String {
+    match workspace {
+        Some(ws) => format!("{ROOT}.frames.{}.>", token(ws)),
+        None => format!("{ROOT}.frames.>"),
+    }
+}
+
+/// The JetStream stream holding durable requests (work-queue retention).
+pub const JOBS_STREAM: &str = "MILLRACER_JOBS";
+/// The JetStream stream keeping every frame for replay.
+pub const FRAMES_STREAM: &str = "MILLRACER_FRAMES";
+/// The KV bucket holding each request's state and final result by request_id.
+pub const RESULTS_BUCKET: &str = "MILLRACER_RESULTS";
+
+/// The intake class of an action: changes are serialised per workspace, reads are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobClass {
+    Change,
+    Read,
+}
+
+impl JobClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Change => "change",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// Everything the jobs stream captures.
+pub fn jobs_all() -> String {
+    format!("{ROOT}.jobs.>")
+}
+
+/// Durable requests for the workspace with this id.
+pub fn jobs_by_id(workspace_id: &str, class: JobClass) -> String {
+    format!("{ROOT}.jobs.ws.{}.{}", token(workspace_id), class.as_str())
+}
+
+/// Durable requests for the workspace at this canonical root path.
+pub fn jobs_by_path(canonical_root: &Path, class: JobClass) -> String {
+    format!(
+        "{ROOT}.jobs.path.{}.{}",
+        path_key(canonical_root),
+        class.as_str()
+    )
+}
+
+/// Durable requests any worker may take.
+pub fn jobs_any() -> String {
+    format!("{ROOT}.jobs.any")
+}
+
+/// The durable consumer name of one served workspace and class (`ws-<id>-change`).
+pub fn jobs_consumer(workspace_id: &str, class: JobClass) -> String {
+    format!("ws-{}-{}", token(workspace_id), class.as_str())
+}
+
+/// The durable consumer of [`jobs_any`].
+pub const JOBS_ANY_CONSUMER: &str = "any";
+
+/// The KV key of a request's state and result.
+pub fn result_key(request_id: &str) -> String {
+    token(request_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_ids_never_leave_their_token() {
+        for id in [
+            "a.b",
+            "*",
+            ">",
+            "a b",
+            "$SYS",
+            "_h00",
+            "",
+            "x".repeat(65).as_str(),
+            "é",
+        ] {
+            let t = token(id);
+            assert!(t.starts_with("_h") && t.len() == 34, "{id:?} -> {t}");
+            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        }
+        assert_eq!(token("req-status-001"), "req-status-001");
+        assert_eq!(
+            frames(Some("demo"), "a.>"),
+            format!("millracer.ops.v0_2.frames.demo.{}", token("a.>"))
+        );
+        assert_eq!(frames(None, "r1"), "millracer.ops.v0_2.frames._none.r1");
+    }
+
+    #[test]
+    fn jobs_subjects_are_disjoint_per_class() {
+        assert_eq!(
+            jobs_by_id("shop", JobClass::Change),
+            "millracer.ops.v0_2.jobs.ws.shop.change"
+        );
+        assert_eq!(jobs_consumer("shop", JobClass::Read), "ws-shop-read");
+        assert_eq!(
+            jobs_by_id("a.b", JobClass::Read),
+            format!("millracer.ops.v0_2.jobs.ws.{}.read", token("a.b"))
+        );
+    }
+
+    #[test]
+    fn encoding_is_stable_and_distinct() {
+        assert_eq!(token("a.b"), token("a.b"));
+        assert_ne!(token("a.b"), token("a.c"));
+    }
+}

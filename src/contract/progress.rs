@@ -1,0 +1,190 @@
+//! The frames of one request as they are emitted: numbered 1, 2, 3 … without gaps and
+//! handed to a sink the caller provides. Here, at the bottom, because the runtime side
+//! (delegation, the stage monitor) emits frames too and must not depend on the engine
+//! that delivers them.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::contract::OpsEventFrame;
+
+/// W3C trace context (`traceparent`, `tracestate`) to send along with a message.
+pub type TraceContext = std::collections::HashMap<String, String>;
+
+/// One emitted frame with what its delivery needs.
+#[derive(Debug)]
+pub struct FrameOut {
+    /// The resolved workspace id, if any: the frames subject's workspace token.
+    pub workspace: Option<String>,
+    pub frame: Box<OpsEventFrame>,
+    pub trace: Arc<TraceContext>,
+}
+
+/// Where a request's frames go (the engine's outbound queue, a channel, a test's vector).
+type FrameSink = Box<dyn Fn(FrameOut) + Send + Sync>;
+
+/// A listener that sees every frame of a request as it is emitted (the outer agent uses
+/// one to turn stage events into progress notes for pi).
+pub struct Tap(Box<dyn Fn(&OpsEventFrame) + Send + Sync>);
+
+impl Tap {
+    pub fn new(f: impl Fn(&OpsEventFrame) + Send + Sync + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
+}
+
+/// Emits the frames of one request, numbered 1, 2, 3 … without gaps. Numbering and
+/// sending happen under one lock so frames leave in sequence order even when emitted
+/// from several tasks.
+pub struct Progress {
+    request_id: String,
+    workspace: Option<String>,
+    state: Mutex<u64>,
+    out: FrameSink,
+    trace: Arc<TraceContext>,
+    tap: Mutex<Option<Tap>>,
+}
+
+impl Progress {
+    pub fn new(
+        request_id: &str,
+        workspace: Option<String>,
+        out: impl Fn(FrameOut) + Send + Sync + 'static,
+        trace: TraceContext,
+    ) -> Self {
+        Self::continuing(request_id, workspace, out, trace, 0)
+    }
+
+    /// A request's frames collected on a channel (in-process callers and tests).
+    pub fn channel(
+        request_id: &str,
+        workspace: Option<String>,
+    ) -> (Self, UnboundedReceiver<FrameOut>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let progress = Self::new(
+            request_id,
+            workspace,
+            move |frame| {
+                // A dropped receiver means nobody listens any more.
+                let _ = tx.send(frame);
+            },
+            TraceContext::default(),
+        );
+        (progress, rx)
+    }
+
+    /// Frames numbered after `last_sequence`: a worker that takes over a request another
+    /// worker started continues its numbering, so a replaying subscriber sees one gapless
+    /// sequence.
+    pub fn continuing(
+        request_id: &str,
+        workspace: Option<String>,
+        out: impl Fn(FrameOut) + Send + Sync + 'static,
+        trace: TraceContext,
+        last_sequence: u64,
+    ) -> Self {
+        Self {
+            request_id: request_id.to_string(),
+            workspace,
+            state: Mutex::new(last_sequence),
+            out: Box::new(out),
+            trace: Arc::new(trace),
+            tap: Mutex::new(None),
+        }
+    }
+
+    /// The trace context the request's messages carry.
+    pub fn trace(&self) -> Arc<TraceContext> {
+        self.trace.clone()
+    }
+
+    /// Lets `tap` see every frame emitted from now on, until [`Progress::clear_tap`].
+    pub fn set_tap(&self, tap: Tap) {
+        *self.tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(tap);
+    }
+
+    /// Removes the tap (dropping it, and whatever it owns).
+    pub fn clear_tap(&self) {
+        self.tap.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn workspace(&self) -> Option<&str> {
+        self.workspace.as_deref()
+    }
+
+    /// Emits one frame; returns its sequence number.
+    pub fn emit(
+        &self,
+        event_type: &str,
+        severity: &str,
+        message: impl Into<String>,
+        payload: Map<String, Value>,
+    ) -> u64 {
+        let mut seq = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
+        let frame = OpsEventFrame::new(
+            &self.request_id,
+            *seq,
+            event_type,
+            severity,
+            message,
+            payload,
+        );
+        if let Some(tap) = self.tap.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            (tap.0)(&frame);
+        }
+        (self.out)(FrameOut {
+            workspace: self.workspace.clone(),
+            frame: Box::new(frame),
+            trace: self.trace.clone(),
+        });
+        *seq
+    }
+
+    /// An `info` frame.
+    pub fn info(
+        &self,
+        event_type: &str,
+        message: impl Into<String>,
+        payload: Map<String, Value>,
+    ) -> u64 {
+        self.emit(event_type, "info", message, payload)
+    }
+
+    /// How many frames were emitted so far.
+    pub fn last_sequence(&self) -> u64 {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Builds a payload map from pairs.
+#[macro_export]
+macro_rules! payload {
+    ($($key:expr => $value:expr),* $(,)?) => {{
+        #[allow(unused_mut)]
+        let mut map = serde_json::Map::new();
+        $(map.insert($key.to_string(), serde_json::json!($value));)*
+        map
+    }};
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("request_id", &self.request_id)
+            .field("workspace", &self.workspace)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,531 @@
+//! A delegated run on the real runtime, start to end: init, validate, the intake
+//! document, `queue add-<kind>`, the daemon, following the work item through the
+//! runtime's records, stopping the daemon, and the final status.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use notify::{RecursiveMode, Watcher};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::contract::ScopedWorkItem;
+use crate::contract::progress::Progress;
+use crate::millrace::command::{Millrace, RuntimeError};
+use crate::millrace::daemon::Daemon;
+use crate::millrace::intake::{self, IntakeDocument, IntakeKind};
+use crate::millrace::monitor::{StageRun, Tracker, Verdict};
+use crate::millrace::records::{self, EventTail};
+use crate::payload;
+
+/// What a delegated run needs to know.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub millrace: &'a Millrace,
+    pub workspace: &'a Path,
+    pub cwd: &'a Path,
+    pub mode: &'a str,
+    pub task: &'a str,
+    pub kind: IntakeKind,
+    pub scoped: Option<&'a ScopedWorkItem>,
+    pub daemon_timeout: Duration,
+    pub max_restarts: u32,
+    pub keep_daemon: bool,
+    /// A name for this run's daemon log (the request's subject token).
+    pub log_name: String,
+    /// Set when another worker started this request and died: its work item is already
+    /// queued (and maybe its daemon still runs), so nothing is written or queued again.
+    pub resume: Option<&'a Resume>,
+}
+
+/// A work item a request queued, as recorded in the result store so another worker can
+/// pick it up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkItemRef {
+    pub id: String,
+    pub path: PathBuf,
+    pub kind: String,
+}
+
+/// What a previous owner of a request left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub work_item: Option<WorkItemRef>,
+    pub daemon_pid: Option<u32>,
+}
+
+impl Resume {
+    fn document(&self) -> Option<IntakeDocument> {
+        let item = self.work_item.as_ref()?;
+        Some(IntakeDocument {
+            id: item.id.clone(),
+            path: item.path.clone(),
+            kind: IntakeKind::parse(&item.kind)?,
+        })
+    }
+}
+
+/// The terminal event, in the reference's vocabulary (`kind`, `reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: String,
+    pub reason: String,
+}
+
+/// How a delegated run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// `completed`, `blocked`, `incomplete`, `crashed` or `restart_needed`.
+    pub outcome: String,
+    pub scoped_completion: bool,
+    pub event: Event,
+    pub evidence: Vec<Map<String, Value>>,
+    pub document: Option<IntakeDocument>,
+    pub status: Option<Map<String, Value>>,
+    pub stages: Vec<StageRun>,
+    pub work_items: Vec<String>,
+    pub warnings: Vec<String>,
+    pub restarts: u32,
+}
+
+/// Why a delegated run could not give an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum DelegationError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot write the intake document: {0}")]
+    Intake(String),
+    #[error("timed out waiting for Millrace daemon event in {0}")]
+    Timeout(String),
+}
+
+impl DelegationError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Runtime(e) => e.code(),
+            Self::Intake(_) => "intake_failed",
+            Self::Timeout(_) => "daemon_timeout",
+        }
+    }
+}
+
+/// The background check for what files cannot show (the daemon is our child, so its
+/// death is seen at once; this only catches missed file notifications).
+const BACKSTOP: Duration = Duration::from_secs(5);
+
+pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, DelegationError> {
+    let ws = plan.workspace;
+    let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
+    let ws_arg = ws.as_os_str().to_owned();
+    plan.millrace
+        .run_checked(
+            &[args(&["init", "--workspace"]), vec![ws_arg.clone()]].concat(),
+            plan.cwd,
+        )
+        .await?;
+    plan.millrace
+        .run_checked(
+            &[
+                args(&["compile", "validate", "--workspace"]),
+                vec![ws_arg.clone()],
+                args(&["--mode", plan.mode]),
+            ]
+            .concat(),
+            plan.cwd,
+        )
+        .await?;
+
+    let resumed = plan.resume.and_then(Resume::document);
+    if let Some(doc) = &resumed {
+        progress.info(
+            "runtime.resumed",
+            format!(
+                "Resuming {} {}, queued by a worker that stopped; not queuing it again.",
+                doc.kind.as_str(),
+                doc.id
+            ),
+            payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string(), "daemon_pid" => plan.resume.and_then(|r| r.daemon_pid)},
+        );
+    }
+
+    // A re-sent scoped item is not queued twice; one with failure evidence is blocked.
+    let existing = match &resumed {
+        Some(doc) => Some(doc.clone()),
+        None => plan.scoped.and_then(|item| intake::find_scoped(ws, item)),
+    };
+    if let Some(doc) = existing.as_ref().filter(|_| resumed.is_none()) {
+        let status = plan.millrace.status(ws, plan.cwd).await?;
+        let failure = status
+            .get("current_failure_class")
+            .filter(|v| crate::contract::request::is_truthy(v))
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .or_else(|| {
+                status
+                    .get("latest_runtime_error_report_path")
+                    .filter(|v| crate::contract::request::is_truthy(v))
+                    .map(|_| "latest runtime error".to_string())
+            });
+        if let Some(reason) = failure {
+            progress.emit(
+                "runtime.terminal",
+                "warning",
+                format!("Scoped item was queued before and the runtime reports {reason}."),
+                payload! {"outcome" => "blocked", "work_item_id" => doc.id},
+            );
+            return Ok(Outcome {
+                outcome: "blocked".to_string(),
+                scoped_completion: false,
+                event: Event {
+                    kind: "blocked".to_string(),
+                    reason,
+                },
+                evidence: Vec::new(),
+                document: existing.clone(),
+                status: Some(status),
+                stages: Vec::new(),
+                work_items: vec![doc.id.clone()],
+                warnings: Vec::new(),
+                restarts: 0,
+            });
+        }
+        progress.info(
+            "runtime.intake_reused",
+            format!(
+                "Scoped item {} was queued before as {}; not queuing it again.",
+                doc.id,
+                doc.path.display()
+            ),
+            payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string()},
+        );
+    }
+
+    let mut tail = if resumed.is_some() {
+        EventTail::from_start(ws)
+    } else {
+        EventTail::from_end(ws)
+    };
+    // A reused document is queued again only when the runtime has no card for it (an
+    // earlier attempt wrote it but never queued it); an idea's id is not a card id, so a
+    // reused idea is never queued twice. A resumed request's item is already queued.
+    let (document, queue_it) = match existing {
+        Some(doc) => {
+            let unknown = resumed.is_none()
+                && doc.kind != IntakeKind::Idea
+                && records::lifecycle(ws, &doc.id).is_none();
+            (doc, unknown)
+        }
+        None => {
+            let doc = intake::write(ws, plan.kind, plan.task, plan.scoped, chrono::Utc::now())
+                .map_err(|e| DelegationError::Intake(e.to_string()))?;
+            progress.info(
+                "runtime.intake_written",
+                format!("Intake document written: {}.", doc.path.display()),
+                payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
+            );
+            (doc, true)
+        }
+    };
+    if queue_it {
+        plan.millrace
+            .run_checked(
+                &[
+                    args(&["queue", document.kind.queue_command()]),
+                    vec![
+                        document.path.as_os_str().to_owned(),
+                        "--workspace".into(),
+                        ws_arg.clone(),
+                    ],
+                ]
+                .concat(),
+                plan.cwd,
+            )
+            .await?;
+        progress.info(
+            "runtime.work_item_queued",
+            format!("Queued into Millrace as {} {}.", document.kind.as_str(), document.id),
+            payload! {"work_item_id" => document.id, "intake_kind" => document.kind.as_str(), "path" => document.path.display().to_string()},
+        );
+    }
+
+    let mut tracker = Tracker::new(ws, &document.id, document.kind);
+    let (wake_tx, mut wake) = mpsc::channel::<()>(1);
+    let _watcher = watch(&records::agents_dir(ws), wake_tx);
+    let log_path = ws
+        .join(".millracer")
+        .join("logs")
+        .join(format!("daemon-{}.log", plan.log_name));
+    let adopted = plan
+        .resume
+        .and_then(|r| r.daemon_pid)
+        .filter(|_| resumed.is_some())
+        .and_then(|pid| Daemon::adopt(pid, log_path.clone()));
+    let mut daemon = match adopted {
+        Some(daemon) => {
+            progress.info(
+                "runtime.daemon_adopted",
+                "The Millrace daemon the previous worker started still runs; following it.",
+                payload! {"pid" => daemon.pid()},
+            );
+            daemon
+        }
+        None => start_daemon(plan, &log_path, progress, 0).await?,
+    };
+    let deadline = Instant::now() + plan.daemon_timeout;
+    let mut restarts = 0u32;
+    let mut warnings = Vec::new();
+
+    let verdict: Result<Verdict, (String, String)> = loop {
+        if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
+            break Ok(verdict);
+        }
+        if let Some(verdict) = tracker.check_records(false) {
+            break Ok(verdict);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = daemon
+                .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
+                .await;
+            progress.emit(
+                "runtime.terminal",
+                "error",
+                "Timed out waiting for the delegated work; the daemon was stopped.",
+                payload! {"outcome" => "timeout"},
+            );
+            return Err(DelegationError::Timeout(ws.display().to_string()));
+        }
+        tokio::select! {
+            _ = wake.recv() => {}
+            _ = tokio::time::sleep(BACKSTOP.min(deadline - now)) => {}
+            code = daemon.wait() => {
+                // Read what the daemon wrote before it ended.
+                if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
+                    break Ok(verdict);
+                }
+                if let Some(verdict) = tracker.check_records(true) {
+                    break Ok(verdict);
+                }
+                let status = plan.millrace.status(ws, plan.cwd).await?;
+                let (kind, reason) = classify_dead_daemon(&status);
+                progress.emit(
+                    "runtime.daemon_exited",
+                    "warning",
+                    format!("The Millrace daemon exited (code {code}) before the work ended: {reason}."),
+                    payload! {"exit_code" => code, "kind" => kind, "reason" => reason},
+                );
+                if restarts >= plan.max_restarts {
+                    break Err((kind, reason));
+                }
+                restarts += 1;
+                warnings.push(format!("daemon restarted after it stopped: {reason}"));
+                daemon = start_daemon(plan, &log_path, progress, restarts).await?;
+            }
+        }
+    };
+
+    // Records can move a card before the event log has the stage's completion line:
+    // wait briefly for it, so subscribers see every stage start and finish exactly once.
+    let settle_until = Instant::now() + Duration::from_secs(3);
+    while tracker.active_stage().is_some() && Instant::now() < settle_until {
+        tokio::select! {
+            _ = wake.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let _ = drain(&mut tail, &mut tracker, progress);
+    }
+
+    let mut final_status = None;
+    if plan.keep_daemon {
+        progress.info(
+            "runtime.daemon_kept",
+            "The daemon keeps running (--keep-daemon).",
+            payload! {"pid" => daemon.pid()},
+        );
+    } else {
+        let _ = daemon
+            .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
+            .await;
+        final_status = clear_stale_if_needed(plan).await;
+        progress.info(
+            "runtime.daemon_stopped",
+            "The Millrace daemon was stopped.",
+            payload! {"pid" => daemon.pid()},
+        );
+    }
+    let status = match final_status {
+        Some(status) => Some(status),
+        None => plan.millrace.status(ws, plan.cwd).await.ok(),
+    };
+
+    let (outcome, scoped, event, evidence) = match verdict {
+        Ok(Verdict::Completed { reason, evidence }) => (
+            "completed",
+            true,
+            Event {
+                kind: "scoped_complete".into(),
+                reason,
+            },
+            evidence,
+        ),
+        Ok(Verdict::Blocked {
+            failure_class,
+            evidence,
+        }) => (
+            "blocked",
+            false,
+            Event {
+                kind: "blocked".into(),
+                reason: failure_class,
+            },
+            evidence,
+        ),
+        Ok(Verdict::NothingRan) => (
+            "incomplete",
+            false,
+            Event {
+                kind: "idle_no_work".into(),
+                reason: "daemon idle with no work".into(),
+            },
+            Vec::new(),
+        ),
+        Err((kind, reason)) => {
+            let outcome = if kind == "crashed" {
+                "crashed"
+            } else {
+                "restart_needed"
+            };
+            (outcome, false, Event { kind, reason }, Vec::new())
+        }
+    };
+    progress.emit(
+        "runtime.terminal",
+        if outcome == "completed" { "info" } else { "warning" },
+        format!("Delegated work ended: {outcome} ({}: {}).", event.kind, event.reason),
+        payload! {"outcome" => outcome, "kind" => event.kind, "reason" => event.reason, "scoped_completion" => scoped, "work_item_id" => document.id},
+    );
+    Ok(Outcome {
+        outcome: outcome.to_string(),
+        scoped_completion: scoped,
+        event,
+        evidence,
+        document: Some(document),
+        status,
+        stages: tracker.stages.clone(),
+        work_items: tracker.work_items(),
+        warnings,
+        restarts,
+    })
+}
+
+fn drain(tail: &mut EventTail, tracker: &mut Tracker, progress: &Progress) -> Option<Verdict> {
+    for event in tail.read_new() {
+        if let Some(verdict) = tracker.observe(&event, progress) {
+            return Some(verdict);
+        }
+    }
+    None
+}
+
+/// The reference's classification of a stopped daemon, from one status read.
+fn classify_dead_daemon(status: &Map<String, Value>) -> (String, String) {
+    let int = |k: &str| status.get(k).and_then(Value::as_i64).unwrap_or(0);
+    let queued =
+        int("execution_queue_depth") + int("planning_queue_depth") + int("learning_queue_depth");
+    let stale = status.get("runtime_ownership_lock").and_then(Value::as_str) == Some("stale");
+    if int("active_run_count") > 0 {
+        return ("crashed".into(), "daemon stopped with active runs".into());
+    }
+    let mut reason = "daemon stopped with queued work".to_string();
+    if queued == 0 {
+        reason = "daemon stopped before the work ended".to_string();
+    }
+    if stale {
+        reason.push_str(" and stale runtime ownership lock");
+    }
+    ("restart_needed".into(), reason)
+}
+
+async fn start_daemon(
+    plan: &Plan<'_>,
+    log_path: &Path,
+    progress: &Progress,
+    restarts: u32,
+) -> Result<Daemon, DelegationError> {
+    clear_stale_if_needed(plan).await;
+    let daemon = Daemon::start(
+        plan.millrace,
+        plan.workspace,
+        plan.cwd,
+        plan.mode,
+        log_path.to_path_buf(),
+    )
+    .await?;
+    let (event, message) = if restarts == 0 {
+        (
+            "runtime.daemon_started",
+            "Millrace daemon started.".to_string(),
+        )
+    } else {
+        (
+            "runtime.daemon_restarted",
+            format!("Millrace daemon restarted ({restarts})."),
+        )
+    };
+    progress.info(
+        event,
+        message,
+        payload! {"pid" => daemon.pid(), "mode" => plan.mode, "restarts" => restarts, "log" => log_path.display().to_string()},
+    );
+    Ok(daemon)
+}
+
+/// `control clear-stale-state` when the runtime reports a stale ownership lock, or a run
+/// left active by a daemon that is gone (a graceful stop mid-stage leaves the item in
+/// `active/` with the lock `absent`; the reference only looks at the lock and hangs).
+/// Returns the status it read when nothing had to be cleared: it is still current, so a
+/// caller needs no second `millrace status` (0.6 s each).
+async fn clear_stale_if_needed(plan: &Plan<'_>) -> Option<Map<String, Value>> {
+    let status = plan.millrace.status(plan.workspace, plan.cwd).await.ok()?;
+    let stale = status.get("runtime_ownership_lock").and_then(Value::as_str) == Some("stale");
+    let orphaned = status.get("process_running") == Some(&Value::Bool(false))
+        && status
+            .get("active_run_count")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            > 0;
+    if !stale && !orphaned {
+        return Some(status);
+    }
+    let args: Vec<std::ffi::OsString> = vec![
+        "control".into(),
+        "clear-stale-state".into(),
+        "--workspace".into(),
+        plan.workspace.into(),
+    ];
+    if let Err(err) = plan.millrace.run_checked(&args, plan.cwd).await {
+        tracing::warn!(%err, "clear-stale-state failed");
+    }
+    None
+}
+
+/// Wakes the monitor when anything under `millrace-agents/` changes.
+fn watch(dir: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            let _ = wake.try_send(());
+        }
+    })
+    .map_err(
+        |err| tracing::warn!(%err, "no file notifications; falling back to the backstop check"),
+    )
+    .ok()?;
+    if let Err(err) = watcher.watch(dir, RecursiveMode::Recursive) {
+        tracing::warn!(%err, dir = %dir.display(), "cannot watch runtime files; falling back to the backstop check");
+    }
+    Some(watcher)
+}
+
+/// The task path a result reports, as the reference does.
+pub fn task_path(outcome: &Outcome) -> Option<PathBuf> {
+    outcome.document.as_ref().map(|d| d.path.clone())
+}
