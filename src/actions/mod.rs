@@ -1,5 +1,6 @@
 //! One file per action. Each handler turns a resolved request into its OpsResult.
 
+pub mod binding;
 pub mod dispatch;
 pub mod enqueue;
 pub mod inspect_session;

@@ -150,6 +150,11 @@ pub struct NatsOptions {
     /// Refuse to talk to the server without TLS.
     #[arg(long, env = "MILLRACER_NATS_TLS_REQUIRED")]
     pub nats_tls_required: bool,
+    /// Reply inboxes (core replies and JetStream API replies) under this prefix instead of
+    /// `_INBOX`, so the broker can let this role read only its own replies
+    /// (`_INBOX_<role>` by convention; see docs/permissions.md).
+    #[arg(long, env = "MILLRACER_INBOX_PREFIX", value_name = "PREFIX")]
+    pub inbox_prefix: Option<String>,
 }
 
 impl NatsOptions {
@@ -166,6 +171,7 @@ impl NatsOptions {
             tls_cert: self.nats_tls_cert.clone(),
             tls_key: self.nats_tls_key.clone(),
             tls_required: self.nats_tls_required,
+            inbox_prefix: self.inbox_prefix.clone(),
         }
     }
 }
@@ -243,6 +249,10 @@ pub struct OpsArgs {
     /// print its result. Reads no stdin.
     #[arg(long, value_name = "REQUEST_ID")]
     pub attach: Option<String>,
+    /// The workspace id the `--attach`ed request was sent for: result keys and frames are
+    /// scoped by workspace. Without it, a workspace-less request (`jobs.any`).
+    #[arg(long, value_name = "WORKSPACE_ID", requires = "attach")]
+    pub attach_workspace: Option<String>,
     /// Print the OpsResult as indented JSON.
     #[arg(long)]
     pub json: bool,

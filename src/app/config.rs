@@ -104,6 +104,8 @@ impl PiSection {
 pub struct NatsSection {
     pub url: Option<String>,
     pub creds: Option<PathBuf>,
+    /// The worker's reply inbox prefix (`--inbox-prefix` wins).
+    pub inbox_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

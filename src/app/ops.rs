@@ -62,7 +62,14 @@ pub async fn run(args: OpsArgs) -> i32 {
         let want_frames = out.wants_frames();
         let attached = {
             let mut on_frame = |frame: FrameIn<'_>| out.frame_line(frame.line);
-            attach(&link, &request_id, want_frames, &mut on_frame).await
+            attach(
+                &link,
+                &request_id,
+                args.attach_workspace.as_deref(),
+                want_frames,
+                &mut on_frame,
+            )
+            .await
         };
         return finish(attached, &mut out);
     }
@@ -180,8 +187,38 @@ async fn bus(
 ) -> Result<OpsResult, BusError> {
     match link.submit {
         Submit::Request => via_bus(link, raw, request, want_frames, on_frame, required).await,
-        Submit::Durable => via_durable(link, raw, request, want_frames, on_frame, required).await,
+        Submit::Durable => match durable_scope(request) {
+            Some(workspace) => {
+                via_durable(
+                    link,
+                    raw,
+                    request,
+                    workspace.as_deref(),
+                    want_frames,
+                    on_frame,
+                    required,
+                )
+                .await
+            }
+            None => {
+                tracing::debug!(
+                    "the request names its workspace by path only: sent by request/reply"
+                );
+                via_bus(link, raw, request, want_frames, on_frame, required).await
+            }
+        },
     }
+}
+
+/// The workspace whose results hold a durable request's record: `Some(None)` for
+/// workspace-less actions (`jobs.any`), `Some(Some(id))` for a request naming its workspace
+/// id. `None` when the request names its workspace by path only: its key holds the worker's
+/// workspace id, which the bridge does not know, so it goes by request/reply instead.
+fn durable_scope(request: &OpsRequest) -> Option<Option<String>> {
+    if !Action::parse(&request.action).needs_workspace() {
+        return Some(None);
+    }
+    request.workspace_ref.workspace_id.clone().map(Some)
 }
 
 /// Prints frames and the result on stdout in the chosen format, and on a terminal keeps
@@ -567,6 +604,7 @@ async fn via_durable(
     link: &Link,
     raw: &[u8],
     request: &OpsRequest,
+    workspace: Option<&str>,
     want_frames: bool,
     on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
     required: bool,
@@ -575,19 +613,14 @@ async fn via_durable(
     let (js, kv) = jetstream_parts(&client, &url).await?;
     let timeout = link.timeout;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    if let Some(record) = durable::read_record(&kv, &request.request_id)
+    let key = subjects::result_key(workspace, &request.request_id);
+    if let Some(record) = durable::read_record(&kv, &key)
         .await
         .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?
         && record.is_done()
     {
         tracing::debug!(request_id = %request.request_id, "answered from the results bucket");
-        let mut frames = replay_frames(
-            &js,
-            &request.request_id,
-            request.workspace_ref.workspace_id.as_deref(),
-            want_frames,
-        )
-        .await;
+        let mut frames = replay_frames(&js, &request.request_id, workspace, want_frames).await;
         if let Some(frames) = frames.as_mut() {
             drain_until_finished(frames, on_frame).await;
         }
@@ -595,13 +628,7 @@ async fn via_durable(
             .result()
             .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
     }
-    let mut frames = replay_frames(
-        &js,
-        &request.request_id,
-        request.workspace_ref.workspace_id.as_deref(),
-        want_frames,
-    )
-    .await;
+    let mut frames = replay_frames(&js, &request.request_id, workspace, want_frames).await;
     let subject = jobs_subject(request, &link.workspace);
     if required {
         note_if_unserved(&js, request, &url).await;
@@ -611,7 +638,7 @@ async fn via_durable(
     let message = async_nats::jetstream::message::PublishMessage::build()
         .payload(bytes::Bytes::copy_from_slice(raw))
         .headers(headers)
-        .message_id(subjects::result_key(&request.request_id));
+        .message_id(key.clone());
     // Published until the stream confirms it (a broker restarting is waited for).
     loop {
         let attempt = async {
@@ -641,21 +668,14 @@ async fn via_durable(
             }
         }
     }
-    wait_for_result(
-        &kv,
-        &request.request_id,
-        &mut frames,
-        on_frame,
-        deadline,
-        timeout,
-    )
-    .await
+    wait_for_result(&kv, &key, &mut frames, on_frame, deadline, timeout).await
 }
 
 /// `--attach`: the frames a request published so far, then live ones, then its result.
 async fn attach(
     link: &Link,
     request_id: &str,
+    workspace: Option<&str>,
     want_frames: bool,
     on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
 ) -> Result<OpsResult, BusError> {
@@ -663,17 +683,21 @@ async fn attach(
     let (js, kv) = jetstream_parts(&client, &url).await?;
     let timeout = link.timeout;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let known = durable::read_record(&kv, request_id)
+    let key = subjects::result_key(workspace, request_id);
+    let known = durable::read_record(&kv, &key)
         .await
         .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?;
     if known.is_none() {
+        let scope = workspace.map_or_else(
+            || "no workspace (give --attach-workspace for a workspace's request)".to_string(),
+            |w| format!("workspace {w:?}"),
+        );
         return Err(BusError::Failed(format!(
-            "no request {request_id:?} is known to the bus (never sent durably, or its result expired)"
+            "no request {request_id:?} of {scope} is known to the bus (never sent durably, or its result expired)"
         )));
     }
-    let workspace = known.and_then(|r| r.workspace);
-    let mut frames = replay_frames(&js, request_id, workspace.as_deref(), want_frames).await;
-    wait_for_result(&kv, request_id, &mut frames, on_frame, deadline, timeout).await
+    let mut frames = replay_frames(&js, request_id, workspace, want_frames).await;
+    wait_for_result(&kv, &key, &mut frames, on_frame, deadline, timeout).await
 }
 
 /// A replay of the request's stored frames followed by live ones (an ordered consumer on
@@ -687,11 +711,10 @@ async fn replay_frames(
     if !want_frames {
         return None;
     }
-    // Named workspace: the exact subject, which a workspace-scoped adapter may read.
-    let filter = match workspace {
-        Some(ws) => subjects::frames(Some(ws), request_id),
-        None => subjects::frames_of_request(request_id),
-    };
+    // The exact subject of the request in its workspace (`_none` for workspace-less
+    // requests): what a workspace-scoped role may read, and never another workspace's
+    // frames of a request with the same id.
+    let filter = subjects::frames(workspace, request_id);
     let stream = js.get_stream(subjects::FRAMES_STREAM).await.ok()?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
@@ -754,7 +777,7 @@ async fn drain_until_finished(
 /// broker restart.
 async fn wait_for_result(
     kv: &async_nats::jetstream::kv::Store,
-    request_id: &str,
+    key: &str,
     frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
     on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
     deadline: Option<tokio::time::Instant>,
@@ -768,7 +791,7 @@ async fn wait_for_result(
                 if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     return Err(BusError::Timeout(timeout.unwrap_or_default()));
                 }
-                match durable::read_record(kv, request_id).await {
+                match durable::read_record(kv, key).await {
                     Ok(Some(record)) if record.is_done() => {
                         if !finished_seen && let Some(frames) = frames.as_mut() {
                             drain_until_finished(frames, on_frame).await;

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::actions::binding::Bound;
 use crate::actions::dispatch::{Service, Serving};
 use crate::app::cli::WorkerArgs;
 use crate::app::config::{ConfigFile, build_registry};
@@ -18,7 +19,7 @@ use crate::bus::nats::{self, NatsReply, Patience};
 use crate::bus::subjects;
 use crate::bus::trace;
 use crate::engine::frames::ReplyTo;
-use crate::engine::service::{Engine, EngineOptions};
+use crate::engine::service::{Engine, EngineOptions, SubmitHints};
 use crate::millrace::sessions::SessionStore;
 
 pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
@@ -26,6 +27,9 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     let registry = build_registry(&args.workspaces, file.as_ref(), &args.common.millrace_mode)?;
     if args.nats.nats_creds.is_none() {
         args.nats.nats_creds = file.as_ref().and_then(|f| f.nats.creds.clone());
+    }
+    if args.nats.inbox_prefix.is_none() {
+        args.nats.inbox_prefix = file.as_ref().and_then(|f| f.nats.inbox_prefix.clone());
     }
     let url = nats::url(
         &args.nats.credentials(),
@@ -140,13 +144,18 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot subscribe to {}", info.subject))?;
         let engine = engine.clone();
         let stop = stop.clone();
+        // The workspace this endpoint's subject binds (none: `req.any`).
+        let bound = match info.metadata.get("workspace") {
+            Some(id) => Bound::Workspace(id.clone()),
+            None => Bound::Any,
+        };
         receivers.spawn(async move {
             loop {
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
                     message = subscriber.next() => match message {
-                        Some(message) => admit(&engine, message, index),
+                        Some(message) => admit(&engine, message, index, &bound),
                         None => return,
                     },
                 }
@@ -157,7 +166,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
                 return;
             }
             while let Some(message) = subscriber.next().await {
-                admit(&engine, message, index);
+                admit(&engine, message, index, &bound);
             }
         });
     }
@@ -269,7 +278,7 @@ fn endpoint(name: &str, subject: String, workspace: Option<&str>) -> EndpointInf
 }
 
 /// Hands one message to the engine under a span that continues the caller's trace.
-fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize) {
+fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize, bound: &Bound) {
     let span = tracing::info_span!("nats.receive", subject = %message.subject);
     trace::adopt(&span, message.headers.as_ref());
     let reply = NatsReply {
@@ -277,7 +286,11 @@ fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize) {
         endpoint,
         received: std::time::Instant::now(),
     };
-    engine.submit(&message.payload, Some(ReplyTo::new(reply)), &span);
+    let hints = SubmitHints {
+        bound: Some(bound.clone()),
+        ..SubmitHints::default()
+    };
+    engine.submit_with(&message.payload, Some(ReplyTo::new(reply)), &span, hints);
 }
 
 /// A broker without JetStream answers its API with "no responders" (or says it is not

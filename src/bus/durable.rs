@@ -31,6 +31,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::actions::binding::Bound;
 use crate::bus::subjects::{self, JobClass};
 use crate::bus::trace;
 use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
@@ -162,6 +163,8 @@ pub struct Binding {
     /// every worker.
     pub max_ack_pending: i64,
     pub ack_wait: Duration,
+    /// The workspace its subjects bind (`None`: `jobs.any`, workspace-less actions only).
+    pub workspace: Option<String>,
 }
 
 /// The consumers of a worker serving `workspaces` (`(id, canonical root)`): a change and a
@@ -176,6 +179,7 @@ pub fn bindings<'a>(
         filters: vec![subjects::jobs_any()],
         max_ack_pending: 1000,
         ack_wait,
+        workspace: None,
     }];
     for (id, root) in workspaces {
         for class in [JobClass::Change, JobClass::Read] {
@@ -187,6 +191,7 @@ pub fn bindings<'a>(
                 ],
                 max_ack_pending: if class == JobClass::Change { 1 } else { 1000 },
                 ack_wait,
+                workspace: Some(id.to_string()),
             });
         }
     }
@@ -320,15 +325,23 @@ impl Durable {
     ) -> Result<(), DurableError> {
         let mut consumers = Vec::new();
         for binding in &bindings {
-            consumers.push((binding.name.clone(), consumer(&self.js, binding).await?));
+            let bound = match &binding.workspace {
+                Some(id) => Bound::Workspace(id.clone()),
+                None => Bound::Any,
+            };
+            consumers.push((
+                binding.name.clone(),
+                bound,
+                consumer(&self.js, binding).await?,
+            ));
         }
         let pullers = TaskTracker::new();
-        for (name, consumer) in consumers {
+        for (name, bound, consumer) in consumers {
             let this = self.clone();
             let engine = engine.clone();
             let stop = stop.clone();
             pullers.spawn(async move {
-                this.pull(name, consumer, engine, max_request_bytes, stop)
+                this.pull(name, bound, consumer, engine, max_request_bytes, stop)
                     .await
             });
         }
@@ -340,6 +353,7 @@ impl Durable {
     async fn pull(
         self: Arc<Self>,
         name: String,
+        bound: Bound,
         consumer: jetstream::consumer::Consumer<pull::Config>,
         engine: Arc<Engine>,
         max_request_bytes: usize,
@@ -370,7 +384,8 @@ impl Durable {
                 };
                 match next {
                     Some(Ok(message)) => {
-                        self.admit(&engine, message, max_request_bytes).await;
+                        self.admit(&engine, message, &bound, max_request_bytes)
+                            .await;
                     }
                     Some(Err(err)) => {
                         // Missed heartbeats during a broker outage and the like: the stream
@@ -389,6 +404,7 @@ impl Durable {
         self: &Arc<Self>,
         engine: &Arc<Engine>,
         message: jetstream::Message,
+        bound: &Bound,
         max_request_bytes: usize,
     ) {
         let span =
@@ -399,25 +415,39 @@ impl Durable {
         let message = Arc::new(message);
         let parsed = (raw.len() <= max_request_bytes)
             .then(|| parse_request(&raw).ok())
-            .flatten();
+            .flatten()
+            .and_then(|mut request| {
+                engine
+                    .service()
+                    .bind(&mut request, bound)
+                    .ok()
+                    .map(|()| request)
+            });
+        let submit_hints = || SubmitHints {
+            bound: Some(bound.clone()),
+            ..SubmitHints::default()
+        };
         let Some(request) = parsed else {
-            // Refused by the engine with a clear result; stored under the id it carries.
+            // Refused by the engine with a clear result (invalid input, or a body naming
+            // another workspace); stored under the id it carries, in the subject's
+            // workspace: never under another workspace's name.
             let (request_id, _) = salvage_ids(&raw);
-            let key = (!request_id.is_empty()).then(|| subjects::result_key(&request_id));
+            let key = (!request_id.is_empty())
+                .then(|| subjects::result_key(bound.workspace(), &request_id));
             let reply = JsReply {
                 message,
                 key,
                 term: true,
                 progress: CancellationToken::new(),
             };
-            engine.submit(&raw, Some(ReplyTo::new(reply)), &span);
+            engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, submit_hints());
             return;
         };
-        let key = subjects::result_key(&request.request_id);
+        let key = subjects::result_key(bound.workspace(), &request.request_id);
         let workspace = engine.service().plan(&request).workspace_id;
         let frames_subject = subjects::frames(workspace.as_deref(), &request.request_id);
         let claim = self.claim(&key, workspace.clone(), delivered).await;
-        let mut hints = SubmitHints::default();
+        let mut hints = submit_hints();
         match claim {
             Ok(Claim::New) => {}
             Ok(Claim::Done) | Ok(Claim::Elsewhere) => {
@@ -580,8 +610,8 @@ impl Durable {
 
     /// Records what a frame says a resuming worker needs: the queued work item and the
     /// daemon's pid. Called by the publisher for every frame it sends.
-    pub fn observe_frame(self: &Arc<Self>, frame: &OpsEventFrame) {
-        let key = subjects::result_key(&frame.request_id);
+    pub fn observe_frame(self: &Arc<Self>, workspace: Option<&str>, frame: &OpsEventFrame) {
+        let key = subjects::result_key(workspace, &frame.request_id);
         let text = |k: &str| {
             frame
                 .payload
@@ -757,11 +787,9 @@ async fn progress_acks(
 }
 
 /// Reads a stored record.
-pub async fn read_record(kv: &kv::Store, request_id: &str) -> Result<Option<JobRecord>, String> {
-    let entry = kv
-        .entry(subjects::result_key(request_id))
-        .await
-        .map_err(|e| e.to_string())?;
+/// The record under `key` ([`subjects::result_key`]).
+pub async fn read_record(kv: &kv::Store, key: &str) -> Result<Option<JobRecord>, String> {
+    let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
     Ok(entry
         .filter(|e| e.operation == kv::Operation::Put)
         .and_then(|e| serde_json::from_slice(&e.value).ok()))

@@ -29,6 +29,8 @@ pub struct Credentials {
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub tls_required: bool,
+    /// The prefix of this role's reply inboxes (default `_INBOX`).
+    pub inbox_prefix: Option<String>,
 }
 
 /// Why the bus could not be reached.
@@ -41,6 +43,10 @@ pub enum ConnectError {
     },
     #[error("cannot read the NATS nkey seed {path}: {message}")]
     Nkey { path: String, message: String },
+    #[error(
+        "invalid inbox prefix {0:?}: give dot-separated tokens of letters, digits, `_` and `-` (e.g. _INBOX_adapter_shop)"
+    )]
+    InboxPrefix(String),
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
 }
@@ -132,6 +138,12 @@ pub async fn connect(
     if options.tls_required {
         connect = connect.require_tls(true);
     }
+    if let Some(prefix) = &options.inbox_prefix {
+        if !valid_inbox_prefix(prefix) {
+            return Err(ConnectError::InboxPrefix(prefix.clone()));
+        }
+        connect = connect.custom_inbox_prefix(prefix.clone());
+    }
     connect = match patience {
         Patience::Once(timeout) => connect.connection_timeout(timeout),
         Patience::Retry => connect.retry_on_initial_connect(),
@@ -142,6 +154,17 @@ pub async fn connect(
         .map_err(|e| ConnectError::Connect {
             url: url.to_string(),
             message: e.to_string(),
+        })
+}
+
+/// A literal subject prefix: no wildcards, no empty tokens, nothing a permission could
+/// not name exactly.
+fn valid_inbox_prefix(prefix: &str) -> bool {
+    prefix.len() <= 128
+        && prefix.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         })
 }
 
@@ -215,7 +238,7 @@ pub async fn publish_outbound(
                     tracing::warn!(%err, "cannot publish a frame");
                 }
                 if let Some(durable) = &durable {
-                    durable.observe_frame(&frame);
+                    durable.observe_frame(workspace.as_deref(), &frame);
                 }
             }
             Outbound::Result {

@@ -129,9 +129,25 @@ pub fn jobs_consumer(workspace_id: &str, class: JobClass) -> String {
 /// The durable consumer of [`jobs_any`].
 pub const JOBS_ANY_CONSUMER: &str = "any";
 
-/// The KV key of a request's state and result.
-pub fn result_key(request_id: &str) -> String {
-    token(request_id)
+/// The scope token of a workspace in result keys and message ids: its id as a token, or
+/// [`NO_WORKSPACE`] for workspace-less requests (`req.any`, `jobs.any`).
+pub fn scope(workspace: Option<&str>) -> String {
+    workspace.map_or_else(|| NO_WORKSPACE.to_string(), token)
+}
+
+/// The KV key of a request's state and result, and the `Nats-Msg-Id` of its durable
+/// submission: `<workspace token>.<token(request_id)>`. The workspace is the one the request's
+/// subject binds, so a role can be granted exactly one workspace's results
+/// (`$KV.MILLRACER_RESULTS.<workspace>.>`), the same request_id in two workspaces is two
+/// requests, and no request_id can reach another workspace's keys (a token holds no `.`).
+pub fn result_key(workspace: Option<&str>, request_id: &str) -> String {
+    format!("{}.{}", scope(workspace), token(request_id))
+}
+
+/// The KV subject of one workspace's results (`$KV.MILLRACER_RESULTS.<workspace>.>`): what
+/// a role scoped to that workspace may read.
+pub fn results_of_workspace(workspace: Option<&str>) -> String {
+    format!("$KV.{RESULTS_BUCKET}.{}.>", scope(workspace))
 }
 
 #[cfg(test)]
@@ -173,6 +189,25 @@ mod tests {
         assert_eq!(
             jobs_by_id("a.b", JobClass::Read),
             format!("millracer.ops.v0_2.jobs.ws.{}.read", token("a.b"))
+        );
+    }
+
+    #[test]
+    fn result_keys_are_scoped_by_workspace() {
+        assert_eq!(result_key(Some("shop"), "req-1"), "shop.req-1");
+        assert_eq!(result_key(None, "req-1"), "_none.req-1");
+        assert_ne!(
+            result_key(Some("shop"), "r"),
+            result_key(Some("other"), "r")
+        );
+        // An id built to look like another workspace's key stays one token.
+        assert_eq!(
+            result_key(Some("shop"), "other.req-1"),
+            format!("shop.{}", token("other.req-1"))
+        );
+        assert_eq!(
+            results_of_workspace(Some("shop")),
+            "$KV.MILLRACER_RESULTS.shop.>"
         );
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::actions::binding::Bound;
 use crate::actions::dispatch::{LaneKey, Plan, Service};
 use crate::contract::progress::Progress;
 use crate::contract::{
@@ -50,10 +51,14 @@ pub struct SubmitHints {
     pub resume: Option<crate::millrace::delegation::Resume>,
     /// The last frame sequence already published for this request (by a previous owner).
     pub last_sequence: u64,
+    /// What the subject the request arrived on binds; `None` in process (no subject).
+    pub bound: Option<Bound>,
 }
 
 struct Job {
     request: OpsRequest,
+    /// The ledger key: the bound workspace and the request_id.
+    key: String,
     plan: Plan,
     hints: SubmitHints,
     progress: Progress,
@@ -130,7 +135,7 @@ impl Engine {
             self.reject(&request_id, &action, error, reply);
             return;
         }
-        let request = match parse_request(raw) {
+        let mut request = match parse_request(raw) {
             Ok(request) => request,
             Err(err) => {
                 let (request_id, action) = salvage_ids(raw);
@@ -141,7 +146,24 @@ impl Engine {
                 return;
             }
         };
-        let admission = self.lock_ledger().admit(&request.request_id, reply);
+        if let Some(bound) = &hints.bound
+            && let Err(error) = self.service.bind(&mut request, bound)
+        {
+            self.reject(&request.request_id, &request.action, error, reply);
+            return;
+        }
+        // The same request_id on two workspaces' subjects is two requests: one workspace
+        // never gets another's stored result.
+        let key = format!(
+            "{}\u{0}{}",
+            hints
+                .bound
+                .as_ref()
+                .and_then(Bound::workspace)
+                .unwrap_or(""),
+            request.request_id
+        );
+        let admission = self.lock_ledger().admit(&key, reply);
         match admission {
             Admission::Attached => {
                 tracing::debug!(request_id = %request.request_id, "repeated request attached to the running one");
@@ -188,6 +210,7 @@ impl Engine {
         );
         let job = Job {
             request,
+            key,
             plan,
             hints,
             progress,
@@ -287,6 +310,7 @@ impl Engine {
     async fn run(&self, job: Job) {
         let Job {
             request,
+            key,
             plan,
             hints,
             progress,
@@ -331,9 +355,7 @@ impl Engine {
                 payload! {"status" => status, "outcome" => outcome},
             );
             let result = Arc::new(result);
-            let to = self
-                .lock_ledger()
-                .finish(&request.request_id, result.clone());
+            let to = self.lock_ledger().finish(&key, result.clone());
             let _ = self.out.send(Outbound::Result {
                 to,
                 workspace: plan.workspace_id.clone(),
