@@ -13,15 +13,23 @@ use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::json;
 
-const WORKER: (&str, &str) = ("worker", "worker-change-me");
-const ADAPTER: (&str, &str) = ("adapter-shop", "adapter-change-me");
-const MISSION_CONTROL: (&str, &str) = ("mission-control", "mission-control-change-me");
+/// User, password and reply inbox prefix of each role in `deploy/nats-server.conf`.
+const WORKER: (&str, &str, &str) = ("worker", "worker-change-me", "_INBOX_worker");
+const ADAPTER: (&str, &str, &str) = ("adapter-shop", "adapter-change-me", "_INBOX_adapter_shop");
+const MISSION_CONTROL: (&str, &str, &str) = (
+    "mission-control",
+    "mission-control-change-me",
+    "_INBOX_mission_control",
+);
 
-async fn as_user(nats: &NatsServer, (user, password): (&str, &str)) -> async_nats::Client {
-    nats.client_with(async_nats::ConnectOptions::with_user_and_password(
-        user.to_string(),
-        password.to_string(),
-    ))
+async fn as_user(
+    nats: &NatsServer,
+    (user, password, inbox): (&str, &str, &str),
+) -> async_nats::Client {
+    nats.client_with(
+        async_nats::ConnectOptions::with_user_and_password(user.to_string(), password.to_string())
+            .custom_inbox_prefix(inbox),
+    )
     .await
 }
 
@@ -39,7 +47,14 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
     let worker = Worker::spawn(
         &nats.url,
         &[("shop", shop.path())],
-        &["--nats-user", WORKER.0, "--nats-password", WORKER.1],
+        &[
+            "--nats-user",
+            WORKER.0,
+            "--nats-password",
+            WORKER.1,
+            "--inbox-prefix",
+            WORKER.2,
+        ],
     );
     rt().block_on(async {
         // Ready when its durable consumers exist.
@@ -83,6 +98,8 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
             ADAPTER.0,
             "--nats-password",
             ADAPTER.1,
+            "--inbox-prefix",
+            ADAPTER.2,
         ],
         &request.to_string(),
         &[],
@@ -163,7 +180,7 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
         let forged = tokio::time::timeout(
             Duration::from_secs(5),
             kv.put(
-                subjects::result_key("forged-1"),
+                subjects::result_key(Some("shop"), "forged-1"),
                 "{\"state\":\"done\"}".into(),
             ),
         )
@@ -176,10 +193,16 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
             .get_key_value(subjects::RESULTS_BUCKET)
             .await
             .expect("bucket");
-        assert!(admin_kv.get("forged-1").await.expect("read").is_none());
+        assert!(
+            admin_kv
+                .get(subjects::result_key(Some("shop"), "forged-1"))
+                .await
+                .expect("read")
+                .is_none()
+        );
         // It reads its own result.
         assert!(
-            kv.get(subjects::result_key("acl-1"))
+            kv.get(subjects::result_key(Some("shop"), "acl-1"))
                 .await
                 .expect("read")
                 .is_some()

@@ -47,11 +47,23 @@ async fn publish_job(
         .duplicate
 }
 
-/// The stored record of a request once it is done (fails after `limit`).
+/// The stored record of a request of workspace `alpha` once it is done (fails after `limit`).
 async fn wait_done(kv: &jetstream::kv::Store, request_id: &str, limit: Duration) -> Value {
+    wait_done_in(kv, "alpha", request_id, limit).await
+}
+
+/// The stored record of a request of `workspace` once it is done (fails after `limit`).
+async fn wait_done_in(
+    kv: &jetstream::kv::Store,
+    workspace: &str,
+    request_id: &str,
+    limit: Duration,
+) -> Value {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(Some(bytes)) = kv.get(subjects::result_key(request_id)).await
+        if let Ok(Some(bytes)) = kv
+            .get(subjects::result_key(Some(workspace), request_id))
+            .await
             && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
             && record["state"] == "done"
         {
@@ -383,6 +395,8 @@ fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
             "--stream-json",
             "--attach",
             "kill-1",
+            "--attach-workspace",
+            "alpha",
             "--nats-url",
             &nats.url,
         ],
@@ -446,7 +460,7 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
             request["route_preference"] = json!("millrace");
             let message = jetstream::message::PublishMessage::build()
                 .payload(request.to_string().into())
-                .message_id(&id);
+                .message_id(subjects::result_key(Some(ws), &id));
             acks.push(
                 js.send_publish(subjects::jobs_by_id(ws, JobClass::Change), message)
                     .await
@@ -462,7 +476,13 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
             .expect("bucket");
         let mut spans: HashMap<usize, Vec<(String, String)>> = HashMap::new();
         for i in 0..1000 {
-            let record = wait_done(&kv, &format!("bulk-{i:04}"), Duration::from_secs(240)).await;
+            let record = wait_done_in(
+                &kv,
+                &names[i % 10],
+                &format!("bulk-{i:04}"),
+                Duration::from_secs(240),
+            )
+            .await;
             let result = &record["result"];
             assert_eq!(result["errors"][0]["code"], "invalid_input", "{record:#}");
             spans.entry(i % 10).or_default().push((
