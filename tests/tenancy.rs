@@ -270,26 +270,55 @@ fn the_shop_adapter_cannot_reach_another_workspace() {
         let other_frames_before =
             stored_frames(&admin_js, &subjects::frames_of_workspace(Some("other"))).await;
 
-        // 1. A body naming another workspace, core: by id, by path, and select_workspace.
-        for (id, wref, action) in [
-            ("esc-core-id", json!({"workspace_id": "other"}), "status"),
-            ("esc-core-path", json!({"root_path": other_root}), "status"),
+        // 1. A body naming another workspace, core: by id, by path, by its own id with
+        //    another's path, a select_workspace naming `other` (in workspace_ref or in its
+        //    payload), and the host-wide reads that would list `other`.
+        let select = |workspace: Option<&str>| {
+            let mut payload = json!({"session_id": "s-1"});
+            if let Some(ws) = workspace {
+                payload["workspace_id"] = json!(ws);
+            }
+            json!({"kind": "structured_action", "payload": payload})
+        };
+        for (id, wref, action, input) in [
+            (
+                "esc-core-id",
+                json!({"workspace_id": "other"}),
+                "status",
+                json!({}),
+            ),
+            (
+                "esc-core-path",
+                json!({"root_path": other_root}),
+                "status",
+                json!({}),
+            ),
             (
                 "esc-core-both",
                 json!({"workspace_id": "shop", "root_path": other_root}),
                 "status",
+                json!({}),
             ),
             (
-                "esc-core-select",
+                "esc-core-select-ref",
                 json!({"workspace_id": "other"}),
                 "select_workspace",
+                select(Some("shop")),
+            ),
+            (
+                "esc-core-select-payload",
+                json!({}),
+                "select_workspace",
+                select(Some("other")),
+            ),
+            ("esc-core-sessions", json!({}), "list_sessions", json!({})),
+            (
+                "esc-core-workspaces",
+                json!({}),
+                "list_workspaces",
+                json!({}),
             ),
         ] {
-            let input = if action == "select_workspace" {
-                json!({"kind": "structured_action", "payload": {"session_id": "s-1"}})
-            } else {
-                json!({})
-            };
             let result = core(
                 &adapter,
                 subjects::request_by_id("shop"),
