@@ -24,9 +24,11 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         Patience::Retry,
     )
     .await?;
-    let subject = match &args.request {
-        Some(request_id) => subjects::frames_of_request(request_id),
-        None => subjects::frames_of_workspace(args.workspace.as_deref()),
+    // With both, the exact subject: what a role scoped to that workspace may read.
+    let subject = match (&args.request, &args.workspace) {
+        (Some(request_id), Some(ws)) => subjects::frames(Some(ws), request_id),
+        (Some(request_id), None) => subjects::frames_of_request(request_id),
+        (None, ws) => subjects::frames_of_workspace(ws.as_deref()),
     };
     if args.replay {
         return replay(&args, &client, &subject).await;
@@ -60,6 +62,8 @@ async fn replay(
     })?;
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            // Named, so its filter is part of the create subject (see docs/permissions.md).
+            name: Some(subjects::replay_consumer()),
             filter_subject: subject.to_string(),
             ..Default::default()
         })

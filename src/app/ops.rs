@@ -721,7 +721,7 @@ async fn replay_frames(
             // Named, so the filter is part of the API subject
             // (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and a role can be
             // granted the replay of its own workspace's frames only.
-            name: Some(replay_consumer_name()),
+            name: Some(subjects::replay_consumer()),
             filter_subject: filter,
             ..Default::default()
         })
@@ -733,15 +733,6 @@ async fn replay_frames(
         .await
         .map_err(|e| tracing::warn!(%e, "cannot replay frames"))
         .ok()
-}
-
-/// A consumer name no one else uses at the same time: the process and the clock.
-fn replay_consumer_name() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("replay-{}-{nanos}", std::process::id())
 }
 
 async fn next_replayed(

@@ -126,6 +126,18 @@ pub fn jobs_consumer(workspace_id: &str, class: JobClass) -> String {
     format!("ws-{}-{}", token(workspace_id), class.as_str())
 }
 
+/// The name of an ordered consumer replaying frames: named, so its filter is part of the
+/// create subject (`$JS.API.CONSUMER.CREATE.MILLRACER_FRAMES.<name>.<filter>`) and a role
+/// can be granted the replay of its own workspace's frames only. Unique per process and
+/// moment (the process id and a nanosecond clock).
+pub fn replay_consumer() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("replay-{}-{nanos}", std::process::id())
+}
+
 /// The durable consumer of [`jobs_any`].
 pub const JOBS_ANY_CONSUMER: &str = "any";
 
