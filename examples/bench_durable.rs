@@ -151,6 +151,18 @@ async fn wait_ready(client: &async_nats::Client, consumers: usize) -> anyhow::Re
     }
 }
 
+/// The result keys of `ids` published by [`publish`] (round-robin over `workspaces`), or of
+/// workspace-less requests when `workspaces` is empty.
+fn keys_of(ids: &[String], workspaces: &[(String, PathBuf)]) -> Vec<String> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let ws = (!workspaces.is_empty()).then(|| workspaces[i % workspaces.len()].0.as_str());
+            subjects::result_key(ws, id)
+        })
+        .collect()
+}
+
 /// Publishes `ids` durably (change class, round-robin over `workspaces`).
 async fn publish(
     js: &jetstream::Context,
@@ -163,7 +175,7 @@ async fn publish(
         let body = request(id, "enqueue", Some(ws)).to_string();
         let message = jetstream::message::PublishMessage::build()
             .payload(body.into())
-            .message_id(subjects::result_key(id));
+            .message_id(subjects::result_key(Some(ws), id));
         acks.push(
             js.send_publish(subjects::jobs_by_id(ws, JobClass::Change), message)
                 .await?,
@@ -180,16 +192,17 @@ async fn publish(
 async fn collect(
     kv: &jetstream::kv::Store,
     ids: &[String],
+    keys: &[String],
     limit: Duration,
 ) -> (HashMap<String, Instant>, Vec<String>) {
     let mut done = HashMap::new();
     let deadline = Instant::now() + limit;
     while done.len() < ids.len() && Instant::now() < deadline {
-        for id in ids {
+        for (id, key) in ids.iter().zip(keys) {
             if done.contains_key(id) {
                 continue;
             }
-            if let Ok(Some(bytes)) = kv.get(subjects::result_key(id)).await
+            if let Ok(Some(bytes)) = kv.get(key).await
                 && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
             {
                 done.insert(id.clone(), Instant::now());
@@ -261,11 +274,11 @@ fn longest_stall(
     worst
 }
 
-/// How many of `ids` are done now.
-async fn answered(kv: &jetstream::kv::Store, ids: &[String]) -> usize {
+/// How many of the requests under `keys` are done now.
+async fn answered(kv: &jetstream::kv::Store, keys: &[String]) -> usize {
     let mut n = 0;
-    for id in ids {
-        if let Ok(Some(bytes)) = kv.get(subjects::result_key(id)).await
+    for key in keys {
+        if let Ok(Some(bytes)) = kv.get(key).await
             && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
         {
             n += 1;
@@ -304,13 +317,13 @@ async fn main() -> anyhow::Result<()> {
     for id in &ids {
         let message = jetstream::message::PublishMessage::build()
             .payload(request(id, "list_workspaces", None).to_string().into())
-            .message_id(subjects::result_key(id));
+            .message_id(subjects::result_key(None, id));
         acks.push(js.send_publish(subjects::jobs_any(), message).await?);
     }
     for ack in acks {
         ack.await?;
     }
-    let (_, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let (_, lost) = collect(&kv, &ids, &keys_of(&ids, &[]), Duration::from_secs(120)).await;
     let durable = n as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(lost.is_empty(), "throughput run lost {}", lost.len());
     let started = Instant::now();
@@ -342,9 +355,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let killed = Instant::now();
     a.kill();
-    let before = answered(&kv, &ids).await;
+    let before = answered(&kv, &keys_of(&ids, &workspaces)).await;
     let _c = WorkerProc::spawn(&url, &workspaces, &home)?;
-    let (done, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let (done, lost) = collect(
+        &kv,
+        &ids,
+        &keys_of(&ids, &workspaces),
+        Duration::from_secs(120),
+    )
+    .await;
     let twice = run_twice(&js, &ids).await?;
     report.push_str(&format!(
         "| worker SIGKILL during {m} changes over {lanes} workspaces ({before} answered at the kill) | lost {} | run twice {} | recovery (longest per-workspace stall, ack wait 3 s) {:.2?} | all answered {:.2?} after the kill |\n",
@@ -358,10 +377,16 @@ async fn main() -> anyhow::Result<()> {
     let ids: Vec<String> = (0..m).map(|i| format!("restart-{i}")).collect();
     publish(&js, &ids, &workspaces).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let before = answered(&kv, &ids).await;
+    let before = answered(&kv, &keys_of(&ids, &workspaces)).await;
     let restarted = Instant::now();
     let outage = server.restart()?;
-    let (done, lost) = collect(&kv, &ids, Duration::from_secs(120)).await;
+    let (done, lost) = collect(
+        &kv,
+        &ids,
+        &keys_of(&ids, &workspaces),
+        Duration::from_secs(120),
+    )
+    .await;
     let twice = run_twice(&js, &ids).await?;
     report.push_str(&format!(
         "| nats-server SIGKILL + restart (same store) during {m} changes ({before} answered at the kill) | lost {} | run twice {} | outage {:.2?}; recovery (longest per-workspace stall) {:.2?} | all answered {:.2?} after the kill |\n",

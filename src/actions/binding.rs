@@ -32,22 +32,26 @@ impl Bound {
 impl Service {
     /// Checks the body against the subject's binding and fills an empty `workspace_ref`
     /// with the subject's workspace. `Err` is the refusal to answer with; nothing ran.
-    pub fn bind(&self, request: &mut OpsRequest, bound: &Bound) -> Result<(), Record> {
+    pub fn bind(&self, request: &mut OpsRequest, bound: &Bound) -> Result<(), Box<Record>> {
         bind(&self.registry, request, bound)
     }
 }
 
 /// [`Service::bind`] against a registry of served workspaces.
-pub fn bind(registry: &Registry, request: &mut OpsRequest, bound: &Bound) -> Result<(), Record> {
+pub fn bind(
+    registry: &Registry,
+    request: &mut OpsRequest,
+    bound: &Bound,
+) -> Result<(), Box<Record>> {
     let action = Action::parse(&request.action);
     match bound {
         Bound::Any => bind_any(registry, request, action),
         Bound::Workspace(id) => {
             let Some(record) = registry.get(id) else {
-                return Err(Record::error(
+                return Err(Box::new(Record::error(
                     "workspace_not_served",
                     format!("This worker does not serve the workspace {id:?}."),
-                ));
+                )));
             };
             let mismatch = |named: String| {
                 Record::error(
@@ -64,25 +68,25 @@ pub fn bind(registry: &Registry, request: &mut OpsRequest, bound: &Bound) -> Res
             ) {
                 // Host-wide reads: every workspace and every session of this host, which a
                 // role scoped to one workspace must not see.
-                return Err(Record::error(
+                return Err(Box::new(Record::error(
                     WORKSPACE_MISMATCH,
                     format!(
                         "Action {:?} reads every workspace of this host; it is not taken on the subject of workspace {id:?}.",
                         request.action
                     ),
                 )
-                .suggest("Send it on the workspace-less subject (req.any or jobs.any), a trusted role's subject."));
+                .suggest("Send it on the workspace-less subject (req.any or jobs.any), a trusted role's subject.")));
             }
             let wref = &mut request.workspace_ref;
             if let Some(named) = &wref.workspace_id
                 && named != &record.id
             {
-                return Err(mismatch(format!("workspace {named:?}")));
+                return Err(Box::new(mismatch(format!("workspace {named:?}"))));
             }
             if let Some(root) = &wref.root_path
                 && resolve_path(std::path::Path::new(root)) != record.root
             {
-                return Err(mismatch(format!("the root path {root:?}")));
+                return Err(Box::new(mismatch(format!("the root path {root:?}"))));
             }
             if wref.workspace_id.is_none() && wref.root_path.is_none() {
                 wref.workspace_id = Some(record.id.clone());
@@ -91,7 +95,7 @@ pub fn bind(registry: &Registry, request: &mut OpsRequest, bound: &Bound) -> Res
                 // select_workspace names the workspace to select in its payload.
                 match request.payload_string("workspace_id") {
                     Some(named) if named != record.id => {
-                        return Err(mismatch(format!("workspace {named:?} to select")));
+                        return Err(Box::new(mismatch(format!("workspace {named:?} to select"))));
                     }
                     Some(_) => {}
                     None => fill_payload_workspace(request, &record.id),
@@ -106,7 +110,7 @@ pub fn bind(registry: &Registry, request: &mut OpsRequest, bound: &Bound) -> Res
 /// this worker serves belong on that workspace's subject; one it does not serve goes on to
 /// the usual `workspace_not_served` (or `workspace_unresolved`) answer, so a caller asking
 /// any worker about an unknown workspace still gets a clear reason.
-fn bind_any(registry: &Registry, request: &OpsRequest, action: Action) -> Result<(), Record> {
+fn bind_any(registry: &Registry, request: &OpsRequest, action: Action) -> Result<(), Box<Record>> {
     if !matches!(action, Action::Status | Action::Enqueue) {
         return Ok(());
     }
@@ -118,14 +122,14 @@ fn bind_any(registry: &Registry, request: &OpsRequest, action: Action) -> Result
         .and_then(|root| registry.by_root(&resolve_path(std::path::Path::new(root))));
     let names_none = wref.workspace_id.is_none() && wref.root_path.is_none();
     if by_id.is_some() || by_path.is_some() || names_none {
-        return Err(Record::error(
+        return Err(Box::new(Record::error(
             WORKSPACE_MISMATCH,
             format!(
                 "Action {:?} needs a workspace; the workspace-less subject takes only list_workspaces, list_sessions, inspect_session and select_workspace.",
                 request.action
             ),
         )
-        .suggest("Send the request on its workspace's subject (req.ws.<workspace_id> or jobs.ws.<workspace_id>.<class>)."));
+        .suggest("Send the request on its workspace's subject (req.ws.<workspace_id> or jobs.ws.<workspace_id>.<class>).")));
     }
     Ok(())
 }

@@ -149,7 +149,7 @@ impl Engine {
         if let Some(bound) = &hints.bound
             && let Err(error) = self.service.bind(&mut request, bound)
         {
-            self.reject(&request.request_id, &request.action, error, reply);
+            self.reject(&request.request_id, &request.action, *error, reply);
             return;
         }
         // The same request_id on two workspaces' subjects is two requests: one workspace
