@@ -95,7 +95,22 @@ fn status_through_the_bus_equals_status_in_process() {
     assert_valid("result", &local_v);
     assert_eq!(bus_v["status"], "succeeded");
     assert_eq!(bus_v["result"]["workspace"], json!(root));
-    assert_eq!(without_times(bus_v), without_times(local_v));
+    // Through a worker the result names the workspace it served (the request named only
+    // its path) and carries the cursor of its last frame: accepted, started, finished.
+    assert_eq!(bus_v["workspace_ref"]["workspace_id"], "default");
+    assert_eq!(bus_v["event_cursor"], "3");
+    assert!(local_v.get("event_cursor").is_none(), "{local_v}");
+    assert!(local_v["workspace_ref"].get("workspace_id").is_none());
+    let mut bus_v = without_times(bus_v);
+    bus_v["workspace_ref"]
+        .as_object_mut()
+        .expect("workspace_ref")
+        .remove("workspace_id");
+    bus_v
+        .as_object_mut()
+        .expect("result")
+        .remove("event_cursor");
+    assert_eq!(bus_v, without_times(local_v));
     // Printed as the reference prints: sorted keys, two-space indent, one trailing newline.
     let text = String::from_utf8_lossy(&bus.stdout);
     assert!(
@@ -485,4 +500,75 @@ fn a_worker_refuses_unsafe_workspace_ids() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Messages true to their schemas: a workspace-less action's frames carry no
+/// `workspace_id` (the schema types it as a string), every frame and the result validate,
+/// the result's `event_cursor` is its last frame's sequence, and an answer to a request
+/// whose id could not be read has no `Millracer-Request-Id` header rather than an empty one.
+#[test]
+fn workspace_less_frames_and_results_follow_their_schemas() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("req-schema-wl"))
+            .await
+            .expect("subscribe to frames");
+        client.flush().await.expect("flush");
+        let request = request_json("req-schema-wl", "list_workspaces", json!({}), json!({}));
+        let result = raw_request(
+            &client,
+            subjects::request_any(),
+            request.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(result["status"], "succeeded", "{result}");
+        let mut seen = Vec::new();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), frames.next())
+                .await
+                .expect("every frame within 10 s")
+                .expect("frames subscription open");
+            let frame = parse(&message.payload);
+            assert_valid("frame", &frame);
+            let finished = frame["event_type"] == "request.finished";
+            seen.push(frame);
+            if finished {
+                break;
+            }
+        }
+        assert_eq!(seen[0]["event_type"], "request.accepted");
+        assert!(
+            seen[0]["payload"].get("workspace_id").is_none(),
+            "a workspace-less frame names no workspace: {}",
+            seen[0]
+        );
+        let last = seen.last().expect("frames")["sequence"]
+            .as_u64()
+            .expect("seq");
+        assert_eq!(result["event_cursor"], json!(last.to_string()));
+
+        // Bytes that are not JSON: a failed result, and no request id header at all.
+        let reply = client
+            .send_request(
+                subjects::request_any(),
+                async_nats::Request::new()
+                    .payload(b"{\"not json".to_vec().into())
+                    .timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .expect("answered");
+        let value = parse(&reply.payload);
+        assert_valid("result", &value);
+        assert_eq!(value["errors"][0]["code"], "invalid_request");
+        let headers = reply.headers.expect("headers on a result");
+        assert!(
+            headers.get(subjects::HEADER_REQUEST_ID).is_none(),
+            "no request id header for an unreadable id: {headers:?}"
+        );
+    });
 }

@@ -4,11 +4,12 @@
 //! allowed to publish for `shop` could act on any workspace by naming it in the body.
 
 use crate::actions::dispatch::{Action, Service};
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsRequest, Record};
 use crate::millrace::workspace::{Registry, resolve_path};
 
 /// The error code of a body that names a workspace other than its subject's.
-pub const WORKSPACE_MISMATCH: &str = "workspace_mismatch";
+pub const WORKSPACE_MISMATCH: ErrorCode = ErrorCode::WorkspaceMismatch;
 
 /// What the subject a request arrived on binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +50,7 @@ pub fn bind(
         Bound::Workspace(id) => {
             let Some(record) = registry.get(id) else {
                 return Err(Box::new(Record::error(
-                    "workspace_not_served",
+                    ErrorCode::WorkspaceNotServed,
                     format!("This worker does not serve the workspace {id:?}."),
                 )));
             };

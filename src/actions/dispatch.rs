@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::actions;
 use crate::contract::progress::Progress;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsRequest, OpsResult, Record};
 use crate::millrace::command::Millrace;
 use crate::millrace::sessions::SessionStore;
@@ -128,14 +129,15 @@ impl Service {
                 workspace_id: None,
             };
         }
-        let resolution = workspace::resolve(request, &self.registry, self.cli_workspace.as_deref());
+        let mut resolution =
+            workspace::resolve(request, &self.registry, self.cli_workspace.as_deref());
         let Some(root) = resolution.root.clone() else {
             return Plan {
                 action,
                 resolution,
                 refusal: Some(
                     Record::error(
-                        "workspace_unresolved",
+                        ErrorCode::WorkspaceUnresolved,
                         "Unable to resolve Millrace workspace.",
                     )
                     .suggest("Pass workspace_ref.root_path or register/select a workspace."),
@@ -150,7 +152,7 @@ impl Service {
                 action,
                 refusal: Some(
                     Record::error(
-                        "workspace_not_served",
+                        ErrorCode::WorkspaceNotServed,
                         format!("This worker does not serve the workspace at {}.", root.display()),
                     )
                     .suggest("Send the request for a workspace this worker serves (see list_workspaces), or add the workspace to the worker's configuration."),
@@ -159,6 +161,19 @@ impl Service {
                 lane: None,
                 workspace_id: None,
             };
+        }
+        if let (Serving::Registered, Some(record)) = (self.serving, record) {
+            // On the bus a request reached this workspace by id, by path key or by its
+            // subject: its result names the workspace it served, as its frames do.
+            resolution
+                .workspace_id
+                .get_or_insert_with(|| record.id.clone());
+            if resolution.display_name.is_none() {
+                resolution.display_name = record.display_name.clone();
+            }
+            if resolution.mode.is_none() {
+                resolution.mode = record.default_mode.clone();
+            }
         }
         Plan {
             action,

@@ -27,9 +27,11 @@ use crate::agent::legacy::{LegacyEvent, RunResult};
 use crate::agent::runner::{self, AgentError, Delegate, Delegated, Job};
 use crate::contract::progress::Tap;
 use crate::contract::token;
+use crate::contract::vocab::ErrorCode;
+use crate::contract::vocab::Outcome;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
 use crate::millrace::command::command_cwd;
-use crate::millrace::delegation::{self, DelegationError, Outcome};
+use crate::millrace::delegation::{self, DelegationError, Report};
 use crate::millrace::intake::{self, IntakeKind};
 
 /// The reference's `_task_text`: `input.text`, else `input.payload.task` (or `.text`).
@@ -58,13 +60,13 @@ pub const OUTER_AGENT_OPTION: &str = "outer_agent";
 pub async fn run(cx: Context<'_>) -> OpsResult {
     let Some(task) = task_text(&cx.request.input) else {
         return cx.failure(Record::error(
-            "invalid_input",
+            ErrorCode::InvalidInput,
             "enqueue requires input.text or input.payload.task.",
         ));
     };
     let Some(root) = cx.resolution.root.clone() else {
         return cx.failure(Record::error(
-            "workspace_unresolved",
+            ErrorCode::WorkspaceUnresolved,
             "Unable to resolve Millrace workspace.",
         ));
     };
@@ -98,7 +100,7 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         if route == "direct" {
             return cx.failure(
                 Record::error(
-                    "runner_unavailable",
+                    ErrorCode::RunnerUnavailable,
                     "enqueue with route direct needs a pi runner, and this process has none configured.",
                 )
                 .suggest("Use route_preference millrace (or auto) to delegate to the Millrace runtime, or start the worker with --pi-runner."),
@@ -230,7 +232,7 @@ fn delegation_record(err: &DelegationError) -> Record {
 }
 
 /// Our outcome in the agent's terms.
-fn delegated(root: &Path, outcome: Outcome) -> Delegated {
+fn delegated(root: &Path, outcome: Report) -> Delegated {
     let mut evidence_refs: Vec<String> = outcome
         .evidence
         .iter()
@@ -257,10 +259,12 @@ fn delegated(root: &Path, outcome: Outcome) -> Delegated {
 
 /// The reference's `_status_for_outcome`, with a successful direct route `succeeded`.
 fn status_for(run: &RunResult) -> ResultStatus {
-    match run.outcome.as_str() {
-        "completed" if run.route == "direct" || run.scoped_completion => ResultStatus::Succeeded,
-        "blocked" => ResultStatus::Blocked,
-        "incomplete" => ResultStatus::Incomplete,
+    match run.outcome {
+        Outcome::Completed if run.route == "direct" || run.scoped_completion => {
+            ResultStatus::Succeeded
+        }
+        Outcome::Blocked => ResultStatus::Blocked,
+        Outcome::Incomplete => ResultStatus::Incomplete,
         _ => ResultStatus::Failed,
     }
 }
@@ -297,11 +301,11 @@ pub fn ops_result(cx: &Context<'_>, task: &str, run: &RunResult) -> OpsResult {
     result.warnings = run
         .warnings
         .iter()
-        .map(|w| Record::warning("runtime_warning", w.clone()))
+        .map(|w| Record::warning(ErrorCode::RuntimeWarning, w.clone()))
         .collect();
     result.evidence_refs = run.evidence_refs.clone();
     result.completion = Some(Completion {
-        outcome: run.outcome.clone(),
+        outcome: run.outcome.as_str().to_string(),
         scoped_completion: run.scoped_completion,
         evidence_summary: run.completion_evidence.clone(),
         missing_evidence: if run.scoped_completion {
@@ -324,7 +328,7 @@ pub fn ops_result(cx: &Context<'_>, task: &str, run: &RunResult) -> OpsResult {
 }
 
 /// The final answer when no pi runner writes one: what happened, from the records.
-pub fn summary(outcome: &Outcome) -> String {
+pub fn summary(outcome: &Report) -> String {
     let item = outcome.document.as_ref().map_or_else(
         || "the work item".to_string(),
         |d| format!("{} {}", d.kind.as_str(), d.id),
@@ -355,13 +359,13 @@ pub fn summary(outcome: &Outcome) -> String {
     } else {
         format!(" Evidence: {}.", evidence.join(", "))
     };
-    match outcome.outcome.as_str() {
-        "completed" => format!("Millrace completed {item}. {ran}{proof}"),
-        "blocked" => format!(
+    match outcome.outcome {
+        Outcome::Completed => format!("Millrace completed {item}. {ran}{proof}"),
+        Outcome::Blocked => format!(
             "Millrace blocked {item}: {}. {ran}{proof}",
             outcome.event.reason
         ),
-        "incomplete" => format!(
+        Outcome::Incomplete => format!(
             "Millrace did not run {item}: {}. {ran}",
             outcome.event.reason
         ),

@@ -3,13 +3,14 @@
 use serde_json::{Map, Value};
 
 use super::Context;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsResult, Record};
 
 pub fn run(cx: Context<'_>) -> OpsResult {
     let session_id = cx.request.payload_string("session_id");
     let sessions = match cx.service.sessions.list() {
         Ok(sessions) => sessions,
-        Err(err) => return cx.failure(Record::error("service_error", err.to_string())),
+        Err(err) => return cx.failure(Record::error(ErrorCode::ServiceError, err.to_string())),
     };
     let selected = session_id
         .as_deref()

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::Context;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsResult, Record};
 
 pub fn run(cx: Context<'_>) -> OpsResult {
@@ -15,6 +16,6 @@ pub fn run(cx: Context<'_>) -> OpsResult {
             );
             cx.inspect_success(result, None)
         }
-        Err(err) => cx.failure(Record::error("service_error", err.to_string())),
+        Err(err) => cx.failure(Record::error(ErrorCode::ServiceError, err.to_string())),
     }
 }

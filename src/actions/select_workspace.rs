@@ -4,6 +4,7 @@
 use serde_json::Map;
 
 use super::Context;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsResult, Record};
 use crate::millrace::workspace::Resolution;
 
@@ -20,7 +21,7 @@ pub fn run(cx: Context<'_>) -> OpsResult {
         return cx.failure_with(
             &Resolution::empty(),
             Record::error(
-                "workspace_unresolved",
+                ErrorCode::WorkspaceUnresolved,
                 "select_workspace requires a registered workspace_id.",
             ),
         );
@@ -37,7 +38,7 @@ pub fn run(cx: Context<'_>) -> OpsResult {
         }
         Err(err) => cx.failure_with(
             &Resolution::empty(),
-            Record::error("service_error", err.to_string()),
+            Record::error(ErrorCode::ServiceError, err.to_string()),
         ),
     }
 }

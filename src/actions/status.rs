@@ -1,13 +1,14 @@
 //! `status`: the runtime's own status object, verbatim.
 
 use super::Context;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
 use crate::millrace::command::command_cwd;
 
 pub async fn run(cx: Context<'_>) -> OpsResult {
     let Some(root) = cx.resolution.root.as_deref() else {
         return cx.failure(Record::error(
-            "workspace_unresolved",
+            ErrorCode::WorkspaceUnresolved,
             "Unable to resolve Millrace workspace.",
         ));
     };

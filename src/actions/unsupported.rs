@@ -2,12 +2,13 @@
 //! to something else.
 
 use super::Context;
+use crate::contract::vocab::ErrorCode;
 use crate::contract::{OpsResult, Record};
 
 pub fn run(cx: Context<'_>) -> OpsResult {
     cx.failure(
         Record::error(
-            "unsupported_action",
+            ErrorCode::UnsupportedAction,
             format!("Unsupported Millracer ops action: {}", cx.request.action),
         )
         .suggest("Use status or enqueue in this Millracer version."),

@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 use crate::agent::decision::Decision;
 use crate::contract::pyjson::{self, py_str};
 use crate::contract::request::is_truthy;
+use crate::contract::vocab::Outcome;
 use crate::contract::{ScopedWorkItem, object_or_empty};
 use crate::millrace::intake::IntakeKind;
 
@@ -118,7 +119,7 @@ pub struct RunResult {
     pub scoped_work_item: Option<ScopedWorkItem>,
     pub progress_events: Vec<LegacyEvent>,
     /// `completed`, `blocked`, `incomplete`, `crashed` or `restart_needed`.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub scoped_completion: bool,
     pub completion_evidence: Vec<Map<String, Value>>,
     /// Not in the legacy document: the runtime work items of a delegated run.

@@ -21,6 +21,8 @@ use crate::agent::decision::{Decision, parse_decision};
 use crate::agent::legacy::{LegacyEvent, RunResult};
 use crate::agent::pi::{PiError, PiSession};
 use crate::agent::prompts;
+use crate::contract::vocab::EventType;
+use crate::contract::vocab::Outcome;
 use crate::contract::{OpsEventFrame, Record, ScopedWorkItem};
 use crate::millrace::intake::{self, IntakeKind};
 
@@ -77,7 +79,7 @@ pub struct Job<'a> {
 /// How delegated work ended, from the runtime's records.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delegated {
-    pub outcome: String,
+    pub outcome: Outcome,
     pub scoped_completion: bool,
     pub event: LegacyEvent,
     pub task_path: Option<String>,
@@ -108,7 +110,7 @@ const TERMINAL_STAGES: [&str; 4] = ["updater", "arbiter", "recon", "manager"];
 /// stage's completion, or any stage that ended blocked. The reason reads like the
 /// reference's (`updater update complete`).
 pub fn progress_note(frame: &OpsEventFrame, workspace: &str) -> Option<LegacyEvent> {
-    if frame.event_type != "runtime.stage_completed" {
+    if frame.event_type != EventType::RuntimeStageCompleted {
         return None;
     }
     let stage = frame.payload.get("stage").and_then(Value::as_str)?;
@@ -159,7 +161,7 @@ pub async fn run<D: Delegate>(
             warnings,
             scoped_work_item: options.scoped.cloned(),
             progress_events: Vec::new(),
-            outcome: "completed".to_string(),
+            outcome: Outcome::Completed,
             scoped_completion: false,
             completion_evidence: Vec::new(),
             work_items: None,
@@ -214,7 +216,7 @@ pub async fn run<D: Delegate>(
         workspace: &workspace,
         route: "millrace",
         intake_kind: intake.kind.as_str(),
-        outcome: &delegated.outcome,
+        outcome: delegated.outcome.as_str(),
         scoped_completion: delegated.scoped_completion,
         completion_evidence: &delegated.evidence,
         event_kind: &delegated.event.kind,
@@ -256,14 +258,15 @@ pub async fn run<D: Delegate>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::vocab::Severity;
     use crate::payload;
 
-    fn frame(event_type: &str, stage: &str, result: &str) -> OpsEventFrame {
+    fn frame(event_type: EventType, stage: &str, result: &str) -> OpsEventFrame {
         OpsEventFrame::new(
             "r",
             1,
             event_type,
-            "info",
+            Severity::Info,
             "m",
             payload! {"stage" => stage, "terminal_result" => result},
         )
@@ -272,7 +275,11 @@ mod tests {
     #[test]
     fn only_meaningful_stage_events_become_notes() {
         let note = progress_note(
-            &frame("runtime.stage_completed", "updater", "UPDATE_COMPLETE"),
+            &frame(
+                EventType::RuntimeStageCompleted,
+                "updater",
+                "UPDATE_COMPLETE",
+            ),
             "/w",
         )
         .expect("note");
@@ -280,21 +287,29 @@ mod tests {
         assert_eq!(note.kind, "stage_progress");
         assert!(
             progress_note(
-                &frame("runtime.stage_completed", "builder", "BUILDER_COMPLETE"),
+                &frame(
+                    EventType::RuntimeStageCompleted,
+                    "builder",
+                    "BUILDER_COMPLETE"
+                ),
                 "/w"
             )
             .is_none()
         );
         assert!(
             progress_note(
-                &frame("runtime.stage_completed", "checker", "CHECKER_BLOCKED"),
+                &frame(
+                    EventType::RuntimeStageCompleted,
+                    "checker",
+                    "CHECKER_BLOCKED"
+                ),
                 "/w"
             )
             .is_some()
         );
         assert!(
             progress_note(
-                &frame("runtime.stage_started", "updater", "UPDATE_COMPLETE"),
+                &frame(EventType::RuntimeStageStarted, "updater", "UPDATE_COMPLETE"),
                 "/w"
             )
             .is_none()

@@ -12,6 +12,8 @@ use crate::actions::enqueue::OUTER_AGENT_OPTION;
 use crate::agent::legacy::LegacyEvent;
 use crate::agent::runner::{self, AgentError, Delegate, Delegated, Job};
 use crate::app::ops::{self, FrameIn, Link};
+use crate::contract::vocab::ErrorCode;
+use crate::contract::vocab::Outcome;
 use crate::contract::{OpsResult, Record, SCHEMA_VERSION, parse_request};
 
 /// Delegation as an `enqueue` OpsRequest (route `millrace`, the decided intake kind,
@@ -50,8 +52,9 @@ impl Delegate for BusDelegate<'_> {
             request["scoped_work_item"] = serde_json::to_value(scoped).unwrap_or(Value::Null);
         }
         let raw = request.to_string().into_bytes();
-        let parsed = parse_request(&raw)
-            .map_err(|e| AgentError::delegation(Record::error("invalid_request", e.to_string())))?;
+        let parsed = parse_request(&raw).map_err(|e| {
+            AgentError::delegation(Record::error(ErrorCode::InvalidRequest, e.to_string()))
+        })?;
         let mut on_frame = |incoming: FrameIn<'_>| {
             if let Some(note) = incoming
                 .frame
@@ -63,7 +66,7 @@ impl Delegate for BusDelegate<'_> {
         let result = ops::send(self.link, &raw, &parsed, true, &mut on_frame)
             .await
             .map_err(|e| {
-                AgentError::delegation(Record::error("transport_failed", e.to_string()))
+                AgentError::delegation(Record::error(ErrorCode::TransportFailed, e.to_string()))
             })?;
         delegated_from(&result, &workspace)
     }
@@ -87,7 +90,7 @@ pub fn delegated_from(result: &OpsResult, workspace: &str) -> Result<Delegated, 
             reason: text(event.get("reason")),
         },
         _ => LegacyEvent {
-            kind: "unknown".to_string(),
+            kind: Outcome::Unknown.as_str().to_string(),
             workspace: workspace.to_string(),
             reason: "the result names no terminal event".to_string(),
         },
@@ -95,7 +98,8 @@ pub fn delegated_from(result: &OpsResult, workspace: &str) -> Result<Delegated, 
     Ok(Delegated {
         outcome: completion
             .as_ref()
-            .map_or_else(|| "incomplete".to_string(), |c| c.outcome.clone()),
+            .and_then(|c| Outcome::parse(&c.outcome))
+            .unwrap_or(Outcome::Incomplete),
         scoped_completion: completion.as_ref().is_some_and(|c| c.scoped_completion),
         event,
         task_path: pick("task_path").and_then(|v| v.as_str().map(str::to_string)),

@@ -19,6 +19,7 @@ use crate::app::cli::{CommonOptions, NatsOptions, OpsArgs, Submit, Transport, se
 use crate::bus::durable;
 use crate::bus::nats::{self, Patience};
 use crate::bus::subjects;
+use crate::contract::vocab::EventType;
 use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
 use crate::millrace::sessions::SessionStore;
 use crate::millrace::workspace::{Registry, WorkspaceRecord, resolve_path};
@@ -288,13 +289,13 @@ impl Output {
 /// waiting, else the frame's own message.
 fn progress_message(frame: &OpsEventFrame) -> String {
     let p = &frame.payload;
-    match frame.event_type.as_str() {
-        "request.queued" => format!(
+    match frame.kind() {
+        Some(EventType::RequestQueued) => format!(
             "queued in lane {} at position {}",
             p.get("lane").and_then(|v| v.as_str()).unwrap_or("?"),
             p.get("position").and_then(|v| v.as_u64()).unwrap_or(0)
         ),
-        "runtime.stage_started" => format!(
+        Some(EventType::RuntimeStageStarted) => format!(
             "{} running on {}",
             p.get("stage").and_then(|v| v.as_str()).unwrap_or("stage"),
             p.get("work_item_id").and_then(|v| v.as_str()).unwrap_or("")
@@ -472,7 +473,7 @@ async fn via_bus(
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
-                .is_some_and(|v| v.as_str() == "request.finished");
+                .is_some_and(|v| v.as_str() == EventType::RequestFinished);
             if finished {
                 break;
             }
@@ -758,7 +759,7 @@ fn is_finished(message: &async_nats::jetstream::Message) -> bool {
         .headers
         .as_ref()
         .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
-        .is_some_and(|v| v.as_str() == "request.finished")
+        .is_some_and(|v| v.as_str() == EventType::RequestFinished)
 }
 
 /// Prints the frames still on their way, up to the finished frame.

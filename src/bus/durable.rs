@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::actions::binding::Bound;
 use crate::bus::subjects::{self, JobClass};
 use crate::bus::trace;
+use crate::contract::vocab::EventType;
 use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
 use crate::engine::frames::ReplyTo;
 use crate::engine::service::{Engine, SubmitHints};
@@ -624,12 +625,12 @@ impl Durable {
             let Some((record, pending_path)) = records.get_mut(&key) else {
                 return;
             };
-            match frame.event_type.as_str() {
-                "runtime.intake_written" => {
+            match frame.kind() {
+                Some(EventType::RuntimeIntakeWritten) => {
                     *pending_path = text("path");
                     false
                 }
-                "runtime.work_item_queued" => {
+                Some(EventType::RuntimeWorkItemQueued) => {
                     match (
                         text("work_item_id"),
                         text("path").or_else(|| pending_path.clone()),
@@ -646,9 +647,11 @@ impl Durable {
                         _ => false,
                     }
                 }
-                "runtime.daemon_started"
-                | "runtime.daemon_restarted"
-                | "runtime.daemon_adopted" => {
+                Some(
+                    EventType::RuntimeDaemonStarted
+                    | EventType::RuntimeDaemonRestarted
+                    | EventType::RuntimeDaemonAdopted,
+                ) => {
                     record.daemon_pid = frame
                         .payload
                         .get("pid")

@@ -182,13 +182,17 @@ fn header_value(text: &str) -> Option<HeaderValue> {
     text.parse::<HeaderValue>().ok()
 }
 
+/// The headers of every message about one request. `Millracer-Request-Id` is absent when
+/// the request's id could not be read (the AsyncAPI document says so), rather than empty.
 fn base_headers(request_id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(subjects::HEADER_SCHEMA, SCHEMA_VERSION);
-    let value = header_value(request_id).unwrap_or_else(|| {
-        header_value(&subjects::token(request_id)).unwrap_or_else(|| HeaderValue::from("-"))
-    });
-    headers.insert(subjects::HEADER_REQUEST_ID, value);
+    if !request_id.trim().is_empty() {
+        let value = header_value(request_id).unwrap_or_else(|| {
+            header_value(&subjects::token(request_id)).unwrap_or_else(|| HeaderValue::from("-"))
+        });
+        headers.insert(subjects::HEADER_REQUEST_ID, value);
+    }
     headers
 }
 

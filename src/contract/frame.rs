@@ -3,12 +3,15 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::vocab::{EventType, Severity};
 use super::{SCHEMA_VERSION, pyjson};
 
 /// One event frame. `sequence` starts at 1 and has no gaps within a request, so a
 /// subscriber can tell a lost frame from a quiet one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpsEventFrame {
+    // Strings, not the vocabulary's enums: a frame read off the bus may come from a newer
+    // worker with event types this build does not know, and must still be relayed.
     pub schema_version: String,
     pub request_id: String,
     pub event_id: String,
@@ -29,8 +32,8 @@ impl OpsEventFrame {
     pub fn new(
         request_id: &str,
         sequence: u64,
-        event_type: &str,
-        severity: &str,
+        event_type: EventType,
+        severity: Severity,
         message: impl Into<String>,
         payload: Map<String, Value>,
     ) -> Self {
@@ -40,12 +43,17 @@ impl OpsEventFrame {
             event_id: format!("{request_id}-{sequence}"),
             sequence,
             timestamp: super::time::now(),
-            event_type: event_type.to_string(),
-            severity: severity.to_string(),
+            event_type: event_type.as_str().to_string(),
+            severity: severity.as_str().to_string(),
             message: message.into(),
             payload,
             cursor: Some(sequence.to_string()),
         }
+    }
+
+    /// The frame's event type, when this build knows it.
+    pub fn kind(&self) -> Option<EventType> {
+        EventType::parse(&self.event_type)
     }
 
     pub fn to_value(&self) -> Value {

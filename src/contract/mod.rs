@@ -11,10 +11,12 @@ pub mod request;
 pub mod result;
 pub mod time;
 pub mod token;
+pub mod vocab;
 
 pub use frame::OpsEventFrame;
 pub use request::{OpsRequest, RequestError, ScopedWorkItem, WorkspaceRef, parse_request};
 pub use result::{Completion, OpsResult, Record, ResultStatus};
+pub use vocab::{ErrorCode, EventType, JobState, Outcome, Route, Severity};
 
 /// The one schema version this contract speaks, on input and output.
 pub const SCHEMA_VERSION: &str = "millracer.ops.v0.2";

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::contract::OpsEventFrame;
+use crate::contract::vocab::{EventType, Severity};
 
 /// W3C trace context (`traceparent`, `tracestate`) to send along with a message.
 pub type TraceContext = std::collections::HashMap<String, String>;
@@ -127,8 +128,8 @@ impl Progress {
     /// Emits one frame; returns its sequence number.
     pub fn emit(
         &self,
-        event_type: &str,
-        severity: &str,
+        event_type: EventType,
+        severity: Severity,
         message: impl Into<String>,
         payload: Map<String, Value>,
     ) -> u64 {
@@ -156,11 +157,11 @@ impl Progress {
     /// An `info` frame.
     pub fn info(
         &self,
-        event_type: &str,
+        event_type: EventType,
         message: impl Into<String>,
         payload: Map<String, Value>,
     ) -> u64 {
-        self.emit(event_type, "info", message, payload)
+        self.emit(event_type, Severity::Info, message, payload)
     }
 
     /// How many frames were emitted so far.
@@ -169,13 +170,20 @@ impl Progress {
     }
 }
 
-/// Builds a payload map from pairs.
+/// Builds a frame payload from pairs. A value that serialises to `null` (a `None`) is left
+/// out: the contract's optional payload keys are absent when unknown, never `null`
+/// (`contracts/ops-event-frame.schema.json` types them as strings).
 #[macro_export]
 macro_rules! payload {
     ($($key:expr => $value:expr),* $(,)?) => {{
         #[allow(unused_mut)]
         let mut map = serde_json::Map::new();
-        $(map.insert($key.to_string(), serde_json::json!($value));)*
+        $(
+            let value = serde_json::json!($value);
+            if !value.is_null() {
+                map.insert($key.to_string(), value);
+            }
+        )*
         map
     }};
 }

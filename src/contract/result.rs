@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::vocab::{ErrorCode, Outcome, Severity};
 use super::{SCHEMA_VERSION, ScopedWorkItem, WorkspaceRef, pyjson};
 
 /// The four result states of the reference. Exit code 1 of `ops --json` means `Failed`.
@@ -42,11 +43,11 @@ pub struct Record {
 impl Record {
     /// An error record. Every error the reference emits is recoverable, so that is the
     /// default here; use [`Record::fatal`] for the few that are not.
-    pub fn error(code: &str, message: impl Into<String>) -> Self {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            code: code.to_string(),
+            code: code.as_str().to_string(),
             message: message.into(),
-            severity: "error".to_string(),
+            severity: Severity::Error.as_str().to_string(),
             recoverable: true,
             related_ref: None,
             suggested_action: None,
@@ -54,9 +55,9 @@ impl Record {
     }
 
     /// A warning record (`severity: warning`, recoverable).
-    pub fn warning(code: &str, message: impl Into<String>) -> Self {
+    pub fn warning(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            severity: "warning".to_string(),
+            severity: Severity::Warning.as_str().to_string(),
             ..Self::error(code, message)
         }
     }
@@ -90,7 +91,7 @@ impl Completion {
     /// `unknown` outcome: what read-only and error results carry.
     pub fn unknown(verification_status: &str) -> Self {
         Self {
-            outcome: "unknown".to_string(),
+            outcome: Outcome::Unknown.as_str().to_string(),
             scoped_completion: false,
             evidence_summary: Vec::new(),
             missing_evidence: Vec::new(),
@@ -210,7 +211,7 @@ mod tests {
             "bogus",
             WorkspaceRef::default(),
             "t".into(),
-            Record::error("unsupported_action", "x"),
+            Record::error(ErrorCode::UnsupportedAction, "x"),
         );
         let v = res.to_value();
         let obj = v.as_object().expect("object");

@@ -114,7 +114,7 @@ mod tests {
             "a",
             WorkspaceRef::default(),
             "t".into(),
-            Record::error("x", "y"),
+            Record::error(crate::contract::ErrorCode::ServiceError, "y"),
         ))
     }
 

@@ -13,8 +13,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::actions::binding::Bound;
-use crate::actions::dispatch::{LaneKey, Plan, Service};
+use crate::actions::dispatch::{LaneKey, Plan, Service, Serving};
 use crate::contract::progress::Progress;
+use crate::contract::vocab::{ErrorCode, EventType, Severity};
 use crate::contract::{
     OpsRequest, OpsResult, Record, WorkspaceRef, parse_request, request::salvage_ids, time,
 };
@@ -124,7 +125,7 @@ impl Engine {
             // Bounded by the server's max_payload; worth it to name the refused request.
             let (request_id, action) = salvage_ids(raw);
             let error = Record::error(
-                "request_too_large",
+                ErrorCode::RequestTooLarge,
                 format!(
                     "Request of {} bytes exceeds this worker's limit of {} bytes.",
                     raw.len(),
@@ -139,7 +140,7 @@ impl Engine {
             Ok(request) => request,
             Err(err) => {
                 let (request_id, action) = salvage_ids(raw);
-                let error = Record::error("invalid_request", err.to_string()).suggest(
+                let error = Record::error(ErrorCode::InvalidRequest, err.to_string()).suggest(
                     "Send a millracer.ops.v0.2 OpsRequest (see contracts/ops-request.schema.json).",
                 );
                 self.reject(&request_id, &action, error, reply);
@@ -204,7 +205,7 @@ impl Engine {
             hints.last_sequence,
         );
         progress.info(
-            "request.accepted",
+            EventType::RequestAccepted,
             "Request accepted.",
             payload! {"action" => request.action, "workspace_id" => plan.workspace_id},
         );
@@ -273,7 +274,7 @@ impl Engine {
         });
         let position = lane.depth.fetch_add(1, Ordering::SeqCst);
         job.progress.info(
-            "request.queued",
+            EventType::RequestQueued,
             if position == 0 {
                 "Request is next in its workspace lane.".to_string()
             } else {
@@ -318,12 +319,12 @@ impl Engine {
         } = job;
         async {
             progress.info(
-                "request.started",
+                EventType::RequestStarted,
                 "Request started.",
                 payload! {"action" => request.action},
             );
             let started_at = time::now();
-            let result = self
+            let mut result = self
                 .service
                 .execute(
                     &request,
@@ -344,16 +345,22 @@ impl Engine {
                 current.record("outcome", outcome.as_str());
             }
             let severity = if result.errors.is_empty() {
-                "info"
+                Severity::Info
             } else {
-                "error"
+                Severity::Error
             };
-            progress.emit(
-                "request.finished",
+            let last = progress.emit(
+                EventType::RequestFinished,
                 severity,
                 format!("Request finished: {status}."),
                 payload! {"status" => status, "outcome" => outcome},
             );
+            // The sequence of the request's last frame: an adapter that replays the
+            // frames from the bus later resumes from it. In-process (`ops --transport
+            // local`) no frame is kept anywhere, and the result stays the reference's.
+            if self.service.serving == Serving::Registered {
+                result.event_cursor = Some(last.to_string());
+            }
             let result = Arc::new(result);
             let to = self.lock_ledger().finish(&key, result.clone());
             let _ = self.out.send(Outbound::Result {
@@ -418,7 +425,7 @@ async fn lock_workspace(root: &std::path::Path, progress: &Progress) -> Option<s
         if !announced {
             announced = true;
             progress.info(
-                "request.waiting",
+                EventType::RequestWaiting,
                 "Another process is changing this workspace; waiting for its lock.",
                 payload! {"lock" => path.display().to_string()},
             );

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio::process::Command;
 
 use crate::contract::pyjson;
+use crate::contract::vocab::ErrorCode;
 
 /// How to call the runtime.
 #[derive(Debug, Clone)]
@@ -52,10 +53,10 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     /// The error code a result carries for this failure.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Timeout { .. } => "runtime_timeout",
-            _ => "runtime_command_failed",
+            Self::Timeout { .. } => ErrorCode::RuntimeTimeout,
+            _ => ErrorCode::RuntimeCommandFailed,
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::contract::ScopedWorkItem;
 use crate::contract::progress::Progress;
+use crate::contract::vocab::{ErrorCode, EventType, Outcome, Severity};
 use crate::millrace::command::{Millrace, RuntimeError};
 use crate::millrace::daemon::Daemon;
 use crate::millrace::intake::{self, IntakeDocument, IntakeKind};
@@ -74,9 +75,9 @@ pub struct Event {
 
 /// How a delegated run ended.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub struct Report {
     /// `completed`, `blocked`, `incomplete`, `crashed` or `restart_needed`.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub scoped_completion: bool,
     pub event: Event,
     pub evidence: Vec<Map<String, Value>>,
@@ -100,11 +101,11 @@ pub enum DelegationError {
 }
 
 impl DelegationError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Self::Runtime(e) => e.code(),
-            Self::Intake(_) => "intake_failed",
-            Self::Timeout(_) => "daemon_timeout",
+            Self::Intake(_) => ErrorCode::IntakeFailed,
+            Self::Timeout(_) => ErrorCode::DaemonTimeout,
         }
     }
 }
@@ -113,7 +114,7 @@ impl DelegationError {
 /// death is seen at once; this only catches missed file notifications).
 const BACKSTOP: Duration = Duration::from_secs(5);
 
-pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, DelegationError> {
+pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, DelegationError> {
     let ws = plan.workspace;
     let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
     let ws_arg = ws.as_os_str().to_owned();
@@ -138,7 +139,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     let resumed = plan.resume.and_then(Resume::document);
     if let Some(doc) = &resumed {
         progress.info(
-            "runtime.resumed",
+            EventType::RuntimeResumed,
             format!(
                 "Resuming {} {}, queued by a worker that stopped; not queuing it again.",
                 doc.kind.as_str(),
@@ -167,16 +168,16 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             });
         if let Some(reason) = failure {
             progress.emit(
-                "runtime.terminal",
-                "warning",
+                EventType::RuntimeTerminal,
+                Severity::Warning,
                 format!("Scoped item was queued before and the runtime reports {reason}."),
-                payload! {"outcome" => "blocked", "work_item_id" => doc.id},
+                payload! {"outcome" => Outcome::Blocked, "work_item_id" => doc.id},
             );
-            return Ok(Outcome {
-                outcome: "blocked".to_string(),
+            return Ok(Report {
+                outcome: Outcome::Blocked,
                 scoped_completion: false,
                 event: Event {
-                    kind: "blocked".to_string(),
+                    kind: Outcome::Blocked.as_str().to_string(),
                     reason,
                 },
                 evidence: Vec::new(),
@@ -189,7 +190,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             });
         }
         progress.info(
-            "runtime.intake_reused",
+            EventType::RuntimeIntakeReused,
             format!(
                 "Scoped item {} was queued before as {}; not queuing it again.",
                 doc.id,
@@ -218,7 +219,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             let doc = intake::write(ws, plan.kind, plan.task, plan.scoped, chrono::Utc::now())
                 .map_err(|e| DelegationError::Intake(e.to_string()))?;
             progress.info(
-                "runtime.intake_written",
+                EventType::RuntimeIntakeWritten,
                 format!("Intake document written: {}.", doc.path.display()),
                 payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
             );
@@ -241,7 +242,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             )
             .await?;
         progress.info(
-            "runtime.work_item_queued",
+            EventType::RuntimeWorkItemQueued,
             format!("Queued into Millrace as {} {}.", document.kind.as_str(), document.id),
             payload! {"work_item_id" => document.id, "intake_kind" => document.kind.as_str(), "path" => document.path.display().to_string()},
         );
@@ -262,7 +263,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     let mut daemon = match adopted {
         Some(daemon) => {
             progress.info(
-                "runtime.daemon_adopted",
+                EventType::RuntimeDaemonAdopted,
                 "The Millrace daemon the previous worker started still runs; following it.",
                 payload! {"pid" => daemon.pid()},
             );
@@ -287,10 +288,10 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
                 .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
                 .await;
             progress.emit(
-                "runtime.terminal",
-                "error",
+                EventType::RuntimeTerminal,
+                Severity::Error,
                 "Timed out waiting for the delegated work; the daemon was stopped.",
-                payload! {"outcome" => "timeout"},
+                payload! {"outcome" => Outcome::Timeout},
             );
             return Err(DelegationError::Timeout(ws.display().to_string()));
         }
@@ -308,8 +309,8 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
                 let status = plan.millrace.status(ws, plan.cwd).await?;
                 let (kind, reason) = classify_dead_daemon(&status);
                 progress.emit(
-                    "runtime.daemon_exited",
-                    "warning",
+                    EventType::RuntimeDaemonExited,
+                    Severity::Warning,
                     format!("The Millrace daemon exited (code {code}) before the work ended: {reason}."),
                     payload! {"exit_code" => code, "kind" => kind, "reason" => reason},
                 );
@@ -337,7 +338,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     let mut final_status = None;
     if plan.keep_daemon {
         progress.info(
-            "runtime.daemon_kept",
+            EventType::RuntimeDaemonKept,
             "The daemon keeps running (--keep-daemon).",
             payload! {"pid" => daemon.pid()},
         );
@@ -347,7 +348,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             .await;
         final_status = clear_stale_if_needed(plan).await;
         progress.info(
-            "runtime.daemon_stopped",
+            EventType::RuntimeDaemonStopped,
             "The Millrace daemon was stopped.",
             payload! {"pid" => daemon.pid()},
         );
@@ -359,7 +360,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
 
     let (outcome, scoped, event, evidence) = match verdict {
         Ok(Verdict::Completed { reason, evidence }) => (
-            "completed",
+            Outcome::Completed,
             true,
             Event {
                 kind: "scoped_complete".into(),
@@ -371,16 +372,16 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             failure_class,
             evidence,
         }) => (
-            "blocked",
+            Outcome::Blocked,
             false,
             Event {
-                kind: "blocked".into(),
+                kind: Outcome::Blocked.as_str().into(),
                 reason: failure_class,
             },
             evidence,
         ),
         Ok(Verdict::NothingRan) => (
-            "incomplete",
+            Outcome::Incomplete,
             false,
             Event {
                 kind: "idle_no_work".into(),
@@ -389,22 +390,26 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
             Vec::new(),
         ),
         Err((kind, reason)) => {
-            let outcome = if kind == "crashed" {
-                "crashed"
+            let outcome = if kind == Outcome::Crashed.as_str() {
+                Outcome::Crashed
             } else {
-                "restart_needed"
+                Outcome::RestartNeeded
             };
             (outcome, false, Event { kind, reason }, Vec::new())
         }
     };
     progress.emit(
-        "runtime.terminal",
-        if outcome == "completed" { "info" } else { "warning" },
+        EventType::RuntimeTerminal,
+        if outcome == Outcome::Completed {
+            Severity::Info
+        } else {
+            Severity::Warning
+        },
         format!("Delegated work ended: {outcome} ({}: {}).", event.kind, event.reason),
         payload! {"outcome" => outcome, "kind" => event.kind, "reason" => event.reason, "scoped_completion" => scoped, "work_item_id" => document.id},
     );
-    Ok(Outcome {
-        outcome: outcome.to_string(),
+    Ok(Report {
+        outcome,
         scoped_completion: scoped,
         event,
         evidence,
@@ -433,7 +438,10 @@ fn classify_dead_daemon(status: &Map<String, Value>) -> (String, String) {
         int("execution_queue_depth") + int("planning_queue_depth") + int("learning_queue_depth");
     let stale = status.get("runtime_ownership_lock").and_then(Value::as_str) == Some("stale");
     if int("active_run_count") > 0 {
-        return ("crashed".into(), "daemon stopped with active runs".into());
+        return (
+            Outcome::Crashed.as_str().into(),
+            "daemon stopped with active runs".into(),
+        );
     }
     let mut reason = "daemon stopped with queued work".to_string();
     if queued == 0 {
@@ -442,7 +450,7 @@ fn classify_dead_daemon(status: &Map<String, Value>) -> (String, String) {
     if stale {
         reason.push_str(" and stale runtime ownership lock");
     }
-    ("restart_needed".into(), reason)
+    (Outcome::RestartNeeded.as_str().into(), reason)
 }
 
 async fn start_daemon(
@@ -462,12 +470,12 @@ async fn start_daemon(
     .await?;
     let (event, message) = if restarts == 0 {
         (
-            "runtime.daemon_started",
+            EventType::RuntimeDaemonStarted,
             "Millrace daemon started.".to_string(),
         )
     } else {
         (
-            "runtime.daemon_restarted",
+            EventType::RuntimeDaemonRestarted,
             format!("Millrace daemon restarted ({restarts})."),
         )
     };
@@ -526,6 +534,6 @@ fn watch(dir: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatche
 }
 
 /// The task path a result reports, as the reference does.
-pub fn task_path(outcome: &Outcome) -> Option<PathBuf> {
+pub fn task_path(outcome: &Report) -> Option<PathBuf> {
     outcome.document.as_ref().map(|d| d.path.clone())
 }

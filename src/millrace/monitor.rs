@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::contract::progress::Progress;
+use crate::contract::vocab::{EventType, Severity};
 use crate::millrace::intake::IntakeKind;
 use crate::millrace::records::{self, Lifecycle, RuntimeEvent};
 use crate::payload;
@@ -151,7 +152,7 @@ impl Tracker {
                     self.ours.insert(spec.to_string());
                     self.root_spec = Some(spec.to_string());
                     progress.info(
-                        "runtime.idea_normalized",
+                        EventType::RuntimeIdeaNormalized,
                         format!("Idea normalised into spec {spec}."),
                         payload! {"work_item_id" => spec, "idea_id" => self.root_id},
                     );
@@ -170,7 +171,7 @@ impl Tracker {
                 let stage = event.str("stage").unwrap_or("stage").to_string();
                 self.open_stage = Some(stage.clone());
                 progress.info(
-                    "runtime.stage_started",
+                    EventType::RuntimeStageStarted,
                     format!("{stage} started on {id}."),
                     stage_payload(event, &id),
                 );
@@ -192,8 +193,12 @@ impl Tracker {
                 });
                 let blocked = result.as_deref().is_some_and(|r| r.ends_with("BLOCKED"));
                 progress.emit(
-                    "runtime.stage_completed",
-                    if blocked { "warning" } else { "info" },
+                    EventType::RuntimeStageCompleted,
+                    if blocked {
+                        Severity::Warning
+                    } else {
+                        Severity::Info
+                    },
                     format!(
                         "{stage} finished on {id}: {}.",
                         result.as_deref().unwrap_or("no result")

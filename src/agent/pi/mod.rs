@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agent::prompts::SYSTEM_PROMPT;
+use crate::contract::vocab::ErrorCode;
 
 /// The reference's per-turn timeout when `--pi-timeout-seconds` is not given.
 pub const DEFAULT_TURN_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -111,13 +112,13 @@ fn detail(text: &str) -> String {
 
 impl PiError {
     /// The error code an OpsResult carries for this failure.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             Self::Spawn { .. } | Self::SkillMissing(_) | Self::ProviderMismatch { .. } => {
-                "runner_unavailable"
+                ErrorCode::RunnerUnavailable
             }
-            Self::Timeout(_) => "runner_timeout",
-            _ => "runner_failed",
+            Self::Timeout(_) => ErrorCode::RunnerTimeout,
+            _ => ErrorCode::RunnerFailed,
         }
     }
 }
