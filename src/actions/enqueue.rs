@@ -29,6 +29,7 @@ use crate::contract::progress::Tap;
 use crate::contract::token;
 use crate::contract::vocab::ErrorCode;
 use crate::contract::vocab::Outcome;
+use crate::contract::vocab::Route;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
 use crate::millrace::command::command_cwd;
 use crate::millrace::delegation::{self, DelegationError, Report};
@@ -70,9 +71,9 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
             "Unable to resolve Millrace workspace.",
         ));
     };
-    let route = match cx.request.route_preference.as_str() {
-        r @ ("auto" | "direct" | "millrace") => r,
-        _ => "auto",
+    let route = match Route::parse(&cx.request.route_preference) {
+        Some(r @ (Route::Direct | Route::Millrace)) => r,
+        _ => Route::Auto,
     };
     let caller_is_agent = cx
         .request
@@ -97,7 +98,7 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
     };
 
     let Some(runner) = pi else {
-        if route == "direct" {
+        if route == Route::Direct {
             return cx.failure(
                 Record::error(
                     ErrorCode::RunnerUnavailable,
@@ -128,15 +129,15 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
 async fn without_pi(
     cx: &Context<'_>,
     task: &str,
-    route: &str,
+    route: Route,
     forced: Option<IntakeKind>,
     mode: &str,
     delegate: InProcess<'_, '_>,
 ) -> OpsResult {
     let intake = intake::choose(task, forced, None);
-    let mut decision = Decision::forced("millrace");
+    let mut decision = Decision::forced(Route::Millrace);
     decision.mode = mode.to_string();
-    if route != "millrace" {
+    if route != Route::Millrace {
         decision.why = "no pi runner: delegated with the deterministic intake fallback".to_string();
     }
     let job = Job {
@@ -151,7 +152,7 @@ async fn without_pi(
         Err(err) => return cx.failure(err.record()),
     };
     let run = RunResult {
-        route: "millrace".to_string(),
+        route: Route::Millrace,
         decision,
         output: delegated.summary.clone(),
         intake_kind: intake.kind,
@@ -260,7 +261,7 @@ fn delegated(root: &Path, outcome: Report) -> Delegated {
 /// The reference's `_status_for_outcome`, with a successful direct route `succeeded`.
 fn status_for(run: &RunResult) -> ResultStatus {
     match run.outcome {
-        Outcome::Completed if run.route == "direct" || run.scoped_completion => {
+        Outcome::Completed if run.route == Route::Direct || run.scoped_completion => {
             ResultStatus::Succeeded
         }
         Outcome::Blocked => ResultStatus::Blocked,
@@ -292,7 +293,7 @@ pub fn ops_result(cx: &Context<'_>, task: &str, run: &RunResult) -> OpsResult {
         Value::Object(map) => map,
         _ => Map::new(),
     };
-    result.route = Some(run.route.clone());
+    result.route = Some(run.route.as_str().to_string());
     result.intake_kind = Some(run.intake_kind.as_str().to_string());
     result.scoped_work_item = run
         .scoped_work_item

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::actions::dispatch::Service;
 use crate::contract::progress::Progress;
+use crate::contract::vocab::Route;
 use crate::contract::{Completion, OpsRequest, OpsResult, Record, ResultStatus};
 use crate::millrace::workspace::Resolution;
 
@@ -45,7 +46,7 @@ impl Context<'_> {
             self.started_at.clone(),
         );
         out.result = result;
-        out.route = Some("inspect_only".to_string());
+        out.route = Some(Route::InspectOnly.as_str().to_string());
         out.completion = Some(Completion::unknown("not_applicable"));
         out.session_ref = session_ref;
         out

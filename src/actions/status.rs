@@ -2,6 +2,7 @@
 
 use super::Context;
 use crate::contract::vocab::ErrorCode;
+use crate::contract::vocab::Route;
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
 use crate::millrace::command::command_cwd;
 
@@ -27,7 +28,7 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
                 cx.started_at.clone(),
             );
             out.result = status;
-            out.route = Some("status_only".to_string());
+            out.route = Some(Route::StatusOnly.as_str().to_string());
             out.completion = Some(Completion::unknown("not_applicable"));
             out
         }

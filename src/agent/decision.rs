@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::contract::pyjson::py_str;
 use crate::contract::request::is_truthy;
+use crate::contract::vocab::Route;
 use crate::millrace::intake::IntakeKind;
 
 /// The default mode of a decision that names none.
@@ -21,8 +22,8 @@ pub const DEFAULT_MODE: &str = "default_pi";
 /// How to handle one task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// `direct` or `millrace`.
-    pub route: String,
+    /// `direct` or `millrace` (never `auto`: this is the decision).
+    pub route: Route,
     pub why: String,
     /// The Millrace mode for delegated work (`default_pi` when pi named none).
     pub mode: String,
@@ -37,9 +38,9 @@ pub struct Decision {
 
 impl Decision {
     /// A route chosen by the caller (`--route`, `route_preference`): no decision turn.
-    pub fn forced(route: &str) -> Self {
+    pub fn forced(route: Route) -> Self {
         Self {
-            route: route.to_string(),
+            route,
             why: format!("route forced by --route {route}"),
             mode: DEFAULT_MODE.to_string(),
             mode_given: false,
@@ -51,7 +52,7 @@ impl Decision {
     }
 
     pub fn is_direct(&self) -> bool {
-        self.route == "direct"
+        self.route == Route::Direct
     }
 
     /// The reference's warning when pi asks for a custom loop.
@@ -112,7 +113,8 @@ pub fn parse_decision(raw: &str) -> Decision {
     let route = ROUTE_LINE
         .captures(raw)
         .and_then(|c| c.name("route"))
-        .map_or_else(|| "direct".to_string(), |m| m.as_str().to_lowercase());
+        .and_then(|m| Route::parse(&m.as_str().to_lowercase()))
+        .unwrap_or(Route::Direct);
     let why = WHY_LINE
         .captures(raw)
         .and_then(|c| c.name("why"))
@@ -123,7 +125,7 @@ pub fn parse_decision(raw: &str) -> Decision {
     Decision {
         route,
         why,
-        ..Decision::forced("direct")
+        ..Decision::forced(Route::Direct)
     }
 }
 
@@ -163,10 +165,10 @@ fn text_of(value: Option<&Value>) -> String {
     }
 }
 
-fn normalize_route(value: Option<&Value>) -> String {
-    match text_of(value).to_lowercase().as_str() {
-        "millrace" => "millrace".to_string(),
-        _ => "direct".to_string(),
+fn normalize_route(value: Option<&Value>) -> Route {
+    match Route::parse(&text_of(value).to_lowercase()) {
+        Some(Route::Millrace) => Route::Millrace,
+        _ => Route::Direct,
     }
 }
 
@@ -179,7 +181,7 @@ mod tests {
         let d = parse_decision(
             "Sure.\n```JSON\n{\"decision\": \" MillRace \", \"intake_kind\": \" IDEA \", \"why\": 5, \"custom_loop_needed\": \"false\", \"signals\": [\" a \", 0, 2, \"\", null], \"mode\": \"learning_pi\"}\n```\n{\"decision\": \"direct\"}",
         );
-        assert_eq!(d.route, "millrace");
+        assert_eq!(d.route, Route::Millrace);
         assert_eq!(d.intake_kind, Some(IntakeKind::Idea));
         assert_eq!(d.why, "5");
         assert!(d.custom_loop_needed);
@@ -191,26 +193,26 @@ mod tests {
     #[test]
     fn whole_reply_json_and_defaults() {
         let d = parse_decision("  {\"decision\": \"\", \"route\": \"millrace\"}  ");
-        assert_eq!(d.route, "millrace");
+        assert_eq!(d.route, Route::Millrace);
         assert_eq!(d.why, "Pi selected this route.");
         assert_eq!((d.mode.as_str(), d.mode_given), ("default_pi", false));
         assert_eq!(d.intake_kind, None);
         let d = parse_decision("{\"decision\": \"elsewhere\"}");
-        assert_eq!(d.route, "direct");
+        assert_eq!(d.route, Route::Direct);
     }
 
     #[test]
     fn unstructured_replies_fall_back() {
         let d = parse_decision("I think so.\nDecision: MILLRACE\nwhy:  it is big  \n");
-        assert_eq!(d.route, "millrace");
+        assert_eq!(d.route, Route::Millrace);
         assert_eq!(d.why, "it is big");
         let d = parse_decision("no idea");
-        assert_eq!(d.route, "direct");
+        assert_eq!(d.route, Route::Direct);
         assert_eq!(d.why, "Pi returned unstructured output.");
         assert!(!d.custom_loop_needed);
         // A broken fence falls through to the line rules.
         let d = parse_decision("```json\n{\"decision\": millrace}\n```\ndecision: millrace");
-        assert_eq!(d.route, "millrace");
+        assert_eq!(d.route, Route::Millrace);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::agent::decision::Decision;
 use crate::contract::pyjson::{self, py_str};
 use crate::contract::request::is_truthy;
 use crate::contract::vocab::Outcome;
+use crate::contract::vocab::Route;
 use crate::contract::{ScopedWorkItem, object_or_empty};
 use crate::millrace::intake::IntakeKind;
 
@@ -106,7 +107,7 @@ impl LegacyEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunResult {
     /// `direct` or `millrace`.
-    pub route: String,
+    pub route: Route,
     pub decision: Decision,
     /// The final answer.
     pub output: String,

@@ -23,6 +23,7 @@ use crate::agent::pi::{PiError, PiSession};
 use crate::agent::prompts;
 use crate::contract::vocab::EventType;
 use crate::contract::vocab::Outcome;
+use crate::contract::vocab::Route;
 use crate::contract::{OpsEventFrame, Record, ScopedWorkItem};
 use crate::millrace::intake::{self, IntakeKind};
 
@@ -58,7 +59,8 @@ pub struct Options<'a> {
     /// The workspace root, as pi and the legacy document show it.
     pub workspace: &'a Path,
     /// `auto`, `direct` or `millrace` (anything else is `auto`).
-    pub route: &'a str,
+    /// `auto` asks pi; `direct` and `millrace` force the route.
+    pub route: Route,
     /// A forced intake kind (`--intake`, `intake_preference`).
     pub intake: Option<IntakeKind>,
     pub scoped: Option<&'a ScopedWorkItem>,
@@ -138,7 +140,7 @@ pub async fn run<D: Delegate>(
     delegate: D,
 ) -> Result<RunResult, AgentError> {
     let decision = match options.route {
-        route @ ("direct" | "millrace") => Decision::forced(route),
+        route @ (Route::Direct | Route::Millrace) => Decision::forced(route),
         _ => parse_decision(&pi.complete(&prompts::decision_prompt(task)).await?),
     };
     let intake = intake::choose(
@@ -150,7 +152,7 @@ pub async fn run<D: Delegate>(
     if decision.is_direct() {
         let output = pi.complete(&prompts::direct_prompt(task)).await?;
         return Ok(RunResult {
-            route: "direct".to_string(),
+            route: Route::Direct,
             decision,
             output,
             intake_kind: intake.kind,
@@ -214,7 +216,7 @@ pub async fn run<D: Delegate>(
     let prompt = prompts::finalization_prompt(&prompts::Finalization {
         task,
         workspace: &workspace,
-        route: "millrace",
+        route: Route::Millrace.as_str(),
         intake_kind: intake.kind.as_str(),
         outcome: delegated.outcome.as_str(),
         scoped_completion: delegated.scoped_completion,
@@ -236,7 +238,7 @@ pub async fn run<D: Delegate>(
         }
     };
     Ok(RunResult {
-        route: "millrace".to_string(),
+        route: Route::Millrace,
         decision,
         output,
         intake_kind: intake.kind,

@@ -11,7 +11,7 @@ use std::io::Write;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::delegate::BusDelegate;
-use super::run::{forced_intake, route_name};
+use super::run::{forced_intake, route_of};
 use crate::agent::pi::{PiRunner, SessionKind};
 use crate::agent::runner;
 use crate::app::cli::OperatorArgs;
@@ -39,7 +39,7 @@ pub async fn run(args: OperatorArgs) -> i32 {
     };
     let options = runner::Options {
         workspace: &workspace,
-        route: route_name(args.common.route),
+        route: route_of(args.common.route),
         intake: forced_intake(args.common.intake),
         scoped: None,
         notify: args.common.notify(),

@@ -69,11 +69,12 @@ pub fn forced_intake(intake: Intake) -> Option<IntakeKind> {
     }
 }
 
-pub fn route_name(route: Route) -> &'static str {
+/// The CLI's `--route` in the contract's vocabulary.
+pub fn route_of(route: Route) -> crate::contract::Route {
     match route {
-        Route::Auto => "auto",
-        Route::Direct => "direct",
-        Route::Millrace => "millrace",
+        Route::Auto => crate::contract::Route::Auto,
+        Route::Direct => crate::contract::Route::Direct,
+        Route::Millrace => crate::contract::Route::Millrace,
     }
 }
 
@@ -111,7 +112,7 @@ pub async fn run(args: RunArgs) -> i32 {
     };
     let options = runner::Options {
         workspace: &workspace,
-        route: route_name(args.common.route),
+        route: route_of(args.common.route),
         intake,
         scoped: input.scoped.as_ref(),
         notify: args.common.notify(),

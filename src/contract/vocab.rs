@@ -206,14 +206,19 @@ vocabulary! {
 }
 
 vocabulary! {
-    /// Where an `enqueue` goes: decided by the outer agent, or forced by the request.
+    /// A route: where an `enqueue` goes (a request's `route_preference`, the outer agent's
+    /// decision, an enqueue result's `route`), and the `route` of read-only results.
     Route {
-        /// Let the outer agent decide.
+        /// Let the outer agent decide (requests only).
         Auto = "auto",
         /// The outer agent answers itself, without the runtime.
         Direct = "direct",
         /// Delegated to the Millrace runtime.
         Millrace = "millrace",
+        /// A result that only read sessions or workspaces.
+        InspectOnly = "inspect_only",
+        /// A `status` result.
+        StatusOnly = "status_only",
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::contract::progress::Progress;
-use crate::contract::vocab::{EventType, Severity};
+use crate::contract::vocab::{EventType, JobState, Severity};
 use crate::millrace::intake::IntakeKind;
 use crate::millrace::records::{self, Lifecycle, RuntimeEvent};
 use crate::payload;
@@ -223,7 +223,7 @@ impl Tracker {
                 }
                 if !self.started
                     && records::lifecycle(&self.workspace, &self.root_id)
-                        .is_none_or(|l| l.state == "queue")
+                        .is_none_or(|l| l.state == JobState::Queue)
                 {
                     return Some(Verdict::NothingRan);
                 }
@@ -246,7 +246,7 @@ impl Tracker {
                 places.push((id, place));
             }
         }
-        if let Some((id, place)) = places.iter().find(|(_, p)| p.state == "blocked") {
+        if let Some((id, place)) = places.iter().find(|(_, p)| p.state == JobState::Blocked) {
             let failure_class = self
                 .failure_classes
                 .get(id)
@@ -260,7 +260,7 @@ impl Tracker {
         }
         let root_done = places
             .iter()
-            .find(|(id, p)| *id == self.root_id && p.state == "done");
+            .find(|(id, p)| *id == self.root_id && p.state == JobState::Done);
         match self.kind {
             IntakeKind::Task => {
                 let (id, place) = root_done?;
@@ -311,7 +311,8 @@ impl Tracker {
                     return None;
                 }
                 let derived_open = self.ours.iter().filter(|d| **d != self.root_id).any(|d| {
-                    records::lifecycle(&self.workspace, d).is_some_and(|l| l.state != "done")
+                    records::lifecycle(&self.workspace, d)
+                        .is_some_and(|l| l.state != JobState::Done)
                 });
                 if derived_open {
                     return None;

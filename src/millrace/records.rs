@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::contract::vocab::JobState;
+
 /// `<workspace>/millrace-agents`.
 pub fn agents_dir(workspace: &Path) -> PathBuf {
     workspace.join("millrace-agents")
@@ -117,7 +119,7 @@ impl EventTail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lifecycle {
     pub family: &'static str,
-    pub state: String,
+    pub state: JobState,
     pub path: PathBuf,
 }
 
@@ -125,15 +127,21 @@ pub struct Lifecycle {
 pub fn lifecycle(workspace: &Path, work_item_id: &str) -> Option<Lifecycle> {
     let agents = agents_dir(workspace);
     for family in ["tasks", "probes", "specs"] {
-        for state in ["done", "blocked", "active", "queue"] {
+        // The furthest state first: a card moved on may leave a copy behind.
+        for state in [
+            JobState::Done,
+            JobState::Blocked,
+            JobState::Active,
+            JobState::Queue,
+        ] {
             let path = agents
                 .join(family)
-                .join(state)
+                .join(state.as_str())
                 .join(format!("{work_item_id}.md"));
             if path.is_file() {
                 return Some(Lifecycle {
                     family,
-                    state: state.to_string(),
+                    state,
                     path,
                 });
             }
