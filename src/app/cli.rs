@@ -190,10 +190,11 @@ pub struct WorkerArgs {
     /// Requests larger than this many bytes are refused with `request_too_large`.
     #[arg(long, default_value_t = 256 * 1024)]
     pub max_request_bytes: usize,
-    /// How long a finished result is kept for a repeated request_id.
+    /// How long a finished mutating result is kept for a repeated request_id (read-only
+    /// results are not kept: a repeat is answered again).
     #[arg(long, default_value_t = 900)]
     pub result_ttl_seconds: u64,
-    /// How many finished results are kept for repeated request_ids.
+    /// How many finished mutating results are kept for repeated request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
     /// How long each request's state and final result are kept by request_id in the

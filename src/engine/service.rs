@@ -354,8 +354,10 @@ impl Engine {
                 format!("Request finished: {status}."),
                 payload! {"status" => status, "outcome" => outcome},
             );
+            // Only a request that changed something is remembered after it finished.
+            let keep = plan.action.is_mutating();
+            let to = self.lock_ledger().finish(&key, &result, keep);
             let result = Arc::new(result);
-            let to = self.lock_ledger().finish(&key, result.clone());
             let _ = self.out.send(Outbound::Result {
                 to,
                 workspace: plan.workspace_id.clone(),
