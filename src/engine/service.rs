@@ -176,6 +176,7 @@ impl Engine {
                     workspace: None,
                     result,
                     trace: Arc::new(trace::context_of(parent)),
+                    last_sequence: None,
                 });
                 return;
             }
@@ -257,6 +258,7 @@ impl Engine {
             workspace: None,
             result: Arc::new(result),
             trace: Arc::default(),
+            last_sequence: None,
         });
     }
 
@@ -363,6 +365,7 @@ impl Engine {
                 workspace: plan.workspace_id.clone(),
                 result,
                 trace: progress.trace(),
+                last_sequence: Some(progress.last_sequence()),
             });
         }
         .instrument(span)
