@@ -215,9 +215,9 @@ impl Proof<'_> {
             if served == truth {
                 let lag = changed.elapsed();
                 eprintln!(
-                    "{case}: served equal to the runtime {} ms after the change (the runtime's own status call returned at {} ms)",
+                    "{case}: served equal to the runtime {} ms after the change, {} ms after a fresh `millrace status` started then had answered",
                     lag.as_millis(),
-                    truth_at.as_millis()
+                    lag.saturating_sub(truth_at).as_millis()
                 );
                 self.lags.push((case.to_string(), lag));
                 return;
