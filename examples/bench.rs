@@ -9,7 +9,8 @@
 //! cargo run --release --example bench -- [--quick] [which ...]
 //! ```
 //! `which`: `roundtrip` (1), `inspect-throughput` (2), `ops-status` (3), `memory` (4),
-//! `monitor-cpu` (5), `detection` (6), `status-throughput` (7), or `all` (default).
+//! `monitor-cpu` (5), `detection` (6), `status-throughput` (7), `status-paced` (8),
+//! `enqueue-exit` (9), `memory-after-load` (10), or `all` (default).
 //! `--quick` shrinks every figure for a smoke run; its numbers are not the documented ones.
 //! `scripts/bench.sh` builds everything, installs the reference and runs this.
 //!
@@ -44,7 +45,7 @@ const ECHO_QUEUE: &str = "bench-echo";
 /// The workspace id every bench worker serves.
 const WS_ID: &str = "bench";
 
-const FIGURES: [(&str, &str); 7] = [
+const FIGURES: [(&str, &str); 10] = [
     ("1", "roundtrip"),
     ("2", "inspect-throughput"),
     ("3", "ops-status"),
@@ -52,6 +53,9 @@ const FIGURES: [(&str, &str); 7] = [
     ("5", "monitor-cpu"),
     ("6", "detection"),
     ("7", "status-throughput"),
+    ("8", "status-paced"),
+    ("9", "enqueue-exit"),
+    ("10", "memory-after-load"),
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -114,6 +118,9 @@ async fn run(which: BTreeSet<&str>, quick: bool) -> anyhow::Result<()> {
             "5" => monitor_cpu(&ctx, &mut report).await,
             "6" => detection(&ctx, &mut report).await,
             "7" => status_throughput(&ctx, &mut report).await,
+            "8" => status_paced(&ctx, &mut report).await,
+            "9" => enqueue_exit(&ctx, &mut report).await,
+            "10" => memory_after_load(&ctx, &mut report).await,
             _ => unreachable!("validated above"),
         };
         if let Err(err) = outcome {
@@ -1848,6 +1855,399 @@ async fn status_throughput(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
         ms(load.latency.max / 1e3),
         load.slow,
         cpu_split(&load)
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. `ops --json` status as a person or an adapter calls it: one call every 3 s
+// ---------------------------------------------------------------------------------------
+
+/// Like [`run_ops`], also returning stdout and the wall-clock moment the process exited.
+fn run_ops_full(
+    ctx: &Ctx,
+    program: &Path,
+    args: &[OsString],
+    stdin: &[u8],
+    home: &Path,
+) -> (f64, bool, SystemTime, Vec<u8>) {
+    let (mut cmd, mark) = ctx.command(program, home);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let Ok(mut child) = cmd.spawn() else {
+        return (f64::NAN, false, SystemTime::now(), Vec::new());
+    };
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin);
+    }
+    let output = child.wait_with_output();
+    let exited = SystemTime::now();
+    let wall = started.elapsed().as_secs_f64();
+    kill_marked(&mark);
+    match output {
+        Ok(o) => {
+            let ok = o.status.success() && succeeded(&o.stdout);
+            (wall, ok, exited, o.stdout)
+        }
+        Err(_) => (wall, false, exited, Vec::new()),
+    }
+}
+
+fn os_args(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+async fn status_paced(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let calls = if ctx.sizes.ops_runs < 12 { 3 } else { 20 };
+    let pace = Duration::from_secs(3);
+    let reference = ctx.reference()?.to_path_buf();
+    let dir = ctx.dir("8-status-paced")?;
+    let ws = dir.join("ws");
+    init_workspace(ctx, &ws)?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
+    let _worker = start_worker(ctx, &dir, &url, &ws)?;
+    let client = connect(&url).await?;
+    wait_answering(&client, &subjects::request_any()).await?;
+    let home = dir.join("ops-home");
+    std::fs::create_dir_all(&home)?;
+    // Side 0: the default transport (auto: the bus when a worker answers; durable
+    // submission). Side 1: `--submit request` (core request/reply). Side 2: the reference.
+    let sides: [(&str, &Path, Vec<OsString>); 3] = [
+        (
+            "default",
+            &ctx.millracer,
+            os_args(&["ops", "--json", "--nats-url", &url]),
+        ),
+        (
+            "--submit request",
+            &ctx.millracer,
+            os_args(&["ops", "--json", "--nats-url", &url, "--submit", "request"]),
+        ),
+        ("reference", &reference, reference_args(ctx, &ws)),
+    ];
+    let stdin_for = |side: usize| {
+        let wref = if side == 2 {
+            json!({})
+        } else {
+            json!({"workspace_id": WS_ID})
+        };
+        request_bytes(&unique("paced"), "status", wref, json!({}))
+    };
+    // One warm-up call each: the worker's first snapshot of the workspace, page cache.
+    for (side, (_, program, args)) in sides.iter().enumerate() {
+        let _ = run_ops_full(ctx, program, args, &stdin_for(side), &home);
+    }
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    let mut failures = [0usize; 3];
+    for i in 0..calls {
+        let cycle = Instant::now();
+        // Sides alternate: 0 1 2, then 2 1 0, …
+        let order: [usize; 3] = if i % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for side in order {
+            let (_, program, args) = &sides[side];
+            let (wall, ok, _, _) = run_ops_full(ctx, program, args, &stdin_for(side), &home);
+            samples[side].push(wall * 1e3);
+            failures[side] += usize::from(!ok);
+        }
+        let next = cycle + pace;
+        if Instant::now() < next {
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+    let sum: Vec<Summary> = samples.iter().map(|s| Summary::of(s.clone())).collect();
+    let reference_p50 = sum[2].p50;
+    for (side, name) in [(0usize, "default transport"), (1, "`--submit request`")] {
+        let speedup = reference_p50 / sum[side].p50;
+        report.row(
+            "8",
+            &format!(
+                "`ops --json` status, one call every 3 s, {name}: median (n={})",
+                sum[side].n
+            ),
+            ms(sum[side].p50),
+            format!("{} (reference 0.2.0)", ms(reference_p50)),
+            format!("{speedup:.0}× faster"),
+            "≤ 20 ms, ≥ 25×",
+            Some(sum[side].p50 <= 20.0 && speedup >= 25.0),
+        );
+        report.row(
+            "8",
+            &format!("… {name}: p99"),
+            ms(sum[side].p99),
+            format!("{} (reference p99)", ms(sum[2].p99)),
+            String::new(),
+            "≤ 50 ms",
+            Some(sum[side].p99 <= 50.0),
+        );
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    report.note(format!(
+        "[8] {calls} cycles, one every 3 s, each runs the three sides once, order alternating (default, request, reference / reference, request, default), after one warm-up call each; default (ms): {}; --submit request (ms): {}; reference (ms): {}; failures {} / {} / {}",
+        fmt(&samples[0]),
+        fmt(&samples[1]),
+        fmt(&samples[2]),
+        failures[0],
+        failures[1],
+        failures[2]
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. A delegated enqueue: the runtime's terminal record → the bridge's exit
+// ---------------------------------------------------------------------------------------
+
+/// The `occurred_at` (Unix ns) of the last `stage_completed` record in the workspace's
+/// runtime event log written no later than `before`: the runtime's terminal record of
+/// the work that just ended.
+fn last_stage_completed(ws: &Path, before: SystemTime) -> Option<i128> {
+    let log = std::fs::read_to_string(
+        ws.join("millrace-agents")
+            .join("logs")
+            .join("runtime_events.jsonl"),
+    )
+    .ok()?;
+    let limit = unix_nanos(before);
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event_type"] == "stage_completed")
+        .filter_map(|v| occurred_nanos(v["occurred_at"].as_str()?))
+        .filter(|t| *t <= limit)
+        .max()
+}
+
+async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let runs = if ctx.sizes.ops_runs < 12 { 2 } else { 6 };
+    let reference = ctx.reference()?.to_path_buf();
+    let dir = ctx.dir("9-enqueue-exit")?;
+    let ws = dir.join("ws");
+    let ref_ws = dir.join("ref-ws");
+    stand_in_workspace(ctx, &ws, json!({}))?;
+    stand_in_workspace(ctx, &ref_ws, json!({}))?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
+    let _worker = start_worker(ctx, &dir, &url, &ws)?;
+    let client = connect(&url).await?;
+    wait_answering(&client, &subjects::request_any()).await?;
+    // The worker's `runtime.terminal` frame, stamped by the worker (its `timestamp`).
+    let terminal: Arc<Mutex<HashMap<String, i128>>> = Arc::default();
+    let mut frames = client
+        .subscribe(subjects::frames_of_workspace(Some(WS_ID)))
+        .await?;
+    client.flush().await?;
+    let sink = terminal.clone();
+    let collector = tokio::spawn(async move {
+        while let Some(message) = frames.next().await {
+            if let Ok(frame) = serde_json::from_slice::<Value>(&message.payload)
+                && frame["event_type"] == "runtime.terminal"
+                && let (Some(id), Some(at)) = (
+                    frame["request_id"].as_str(),
+                    frame["timestamp"].as_str().and_then(occurred_nanos),
+                )
+            {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_string(), at);
+            }
+        }
+    });
+    let home = dir.join("ops-home");
+    std::fs::create_dir_all(&home)?;
+    let ours_args = os_args(&["ops", "--json", "--nats-url", &url]);
+    let ref_args = reference_args(ctx, &ref_ws);
+    let mut from_record: [Vec<f64>; 2] = Default::default();
+    let mut from_frame = Vec::new();
+    let mut outcomes: [Vec<String>; 2] = Default::default();
+    for i in 0..runs {
+        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let id = unique("exit");
+            let (program, args, root, wref) = if side == 0 {
+                (
+                    &ctx.millracer,
+                    &ours_args,
+                    &ws,
+                    json!({"workspace_id": WS_ID}),
+                )
+            } else {
+                (&reference, &ref_args, &ref_ws, json!({}))
+            };
+            let stdin = enqueue_request(&id, wref, &format!("Exit latency task {i}"))
+                .to_string()
+                .into_bytes();
+            let (_, _, exited, stdout) = run_ops_full(ctx, program, args, &stdin, &home);
+            let outcome = serde_json::from_slice::<Value>(&stdout)
+                .ok()
+                .and_then(|v| v["completion"]["outcome"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".to_string());
+            outcomes[side].push(outcome);
+            if let Some(record) = last_stage_completed(root, exited) {
+                from_record[side].push((unix_nanos(exited) - record) as f64 / 1e6);
+            }
+            if side == 0
+                && let Some(at) = terminal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                    .copied()
+            {
+                from_frame.push((unix_nanos(exited) - at) as f64 / 1e6);
+            }
+        }
+    }
+    collector.abort();
+    let ours = Summary::of(from_record[0].clone());
+    let theirs = Summary::of(from_record[1].clone());
+    let frame = Summary::of(from_frame.clone());
+    report.row(
+        "9",
+        &format!(
+            "delegated enqueue: worker's `runtime.terminal` frame → bridge exit, p50 (n={})",
+            frame.n
+        ),
+        ms(frame.p50),
+        String::new(),
+        String::new(),
+        "≤ 50 ms",
+        Some(frame.p50 <= 50.0),
+    );
+    report.row(
+        "9",
+        &format!(
+            "delegated enqueue: runtime's last `stage_completed` record → bridge exit, p50 (n={})",
+            ours.n
+        ),
+        ms(ours.p50),
+        format!("{} (reference 0.2.0, n={})", ms(theirs.p50), theirs.n),
+        format!("{:.1}× faster", theirs.p50 / ours.p50),
+        "",
+        None,
+    );
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    report.note(format!(
+        "[9] {runs} task enqueues per side (route millrace, intake task, stand-in stages with no delay), sides alternating; ours by `ops --json` with the default transport (durable), the reference in-process on its own workspace; frame → exit (ms): {}; record → exit, ours (ms): {}; reference (ms): {}; outcomes ours {:?}, reference {:?}. Record → exit includes what each does after the work ends: stopping the daemon (`control stop`) and a final `millrace status`",
+        fmt(&from_frame),
+        fmt(&from_record[0]),
+        fmt(&from_record[1]),
+        outcomes[0],
+        outcomes[1]
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Worker memory after many status requests and enqueues
+// ---------------------------------------------------------------------------------------
+
+async fn memory_after_load(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let quick = ctx.sizes.ops_runs < 12;
+    let statuses: usize = if quick { 20_000 } else { 200_000 };
+    let enqueues: usize = if quick { 100 } else { 1_000 };
+    let clients = ctx.sizes.status_clients;
+    let dir = ctx.dir("10-memory-after-load")?;
+    let ws = dir.join("ws");
+    init_workspace(ctx, &ws)?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
+    let worker = start_worker(ctx, &dir, &url, &ws)?;
+    let client = connect(&url).await?;
+    wait_answering(&client, &subjects::request_any()).await?;
+    // Ready, and the workspace's first status snapshot taken.
+    client
+        .request(
+            subjects::request_by_id(WS_ID),
+            request_bytes(
+                "mem-first",
+                "status",
+                json!({"workspace_id": WS_ID}),
+                json!({}),
+            )
+            .into(),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = vm_kib(worker.pid(), "VmRSS").unwrap_or(0);
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = connect(&url).await?;
+        let per = statuses / clients + usize::from(c < statuses % clients);
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            for n in 0..per {
+                let payload = request_bytes(
+                    &format!("mem-st-{c}-{n}"),
+                    "status",
+                    json!({"workspace_id": WS_ID}),
+                    json!({}),
+                );
+                if client
+                    .request(subjects::request_by_id(WS_ID), payload.into())
+                    .await
+                    .is_ok_and(|m| memchr_find(&m.payload, b"\"succeeded\""))
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut status_ok = 0;
+    for task in tasks {
+        status_ok += task.await.unwrap_or(0);
+    }
+    let status_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_status = vm_kib(worker.pid(), "VmRSS").unwrap_or(0);
+
+    // Enqueues that end at once, each a mutating request the worker remembers: route
+    // `direct` on a worker without a pi runner is answered `runner_unavailable`.
+    let mut refused = 0usize;
+    for n in 0..enqueues {
+        let mut req = enqueue_request(
+            &format!("mem-enq-{n}"),
+            json!({"workspace_id": WS_ID}),
+            &format!("Memory task {n}"),
+        );
+        req["route_preference"] = json!("direct");
+        let answer = client
+            .request(subjects::request_by_id(WS_ID), req.to_string().into())
+            .await?;
+        if memchr_find(&answer.payload, b"runner_unavailable") {
+            refused += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = vm_kib(worker.pid(), "VmRSS").unwrap_or(0);
+    let hwm = vm_kib(worker.pid(), "VmHWM").unwrap_or(0);
+    let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+    report.row(
+        "10",
+        &format!("worker VmRSS after {statuses} status requests ({clients} clients) and {enqueues} enqueues"),
+        mib(after),
+        format!("{} idle", mib(idle)),
+        String::new(),
+        "≤ 40 MB",
+        Some(after as f64 * 1024.0 <= 40e6),
+    );
+    report.note(format!(
+        "[10] idle {} (after the first status); after the status requests {} ({status_ok} of {statuses} succeeded in {status_secs:.1} s); after the enqueues {} ({refused} of {enqueues} answered runner_unavailable at once, each remembered by the ledger as a finished mutating request); VmHWM {}",
+        mib(idle),
+        mib(after_status),
+        mib(after),
+        mib(hwm)
     ));
     Ok(())
 }

@@ -190,10 +190,11 @@ pub struct WorkerArgs {
     /// Requests larger than this many bytes are refused with `request_too_large`.
     #[arg(long, default_value_t = 256 * 1024)]
     pub max_request_bytes: usize,
-    /// How long a finished result is kept for a repeated request_id.
+    /// How long a finished mutating result is kept for a repeated request_id (read-only
+    /// results are not kept: a repeat is answered again).
     #[arg(long, default_value_t = 900)]
     pub result_ttl_seconds: u64,
-    /// How many finished results are kept for repeated request_ids.
+    /// How many finished mutating results are kept for repeated request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
     /// How long each request's state and final result are kept by request_id in the
@@ -204,9 +205,11 @@ pub struct WorkerArgs {
     /// Used when this worker creates the consumers; progress acks come every third of it.
     #[arg(long, default_value_t = 30.0)]
     pub ack_wait_seconds: f64,
-    /// A status snapshot is reused while the workspace's runtime files are unchanged and
-    /// it is younger than this (a dying daemon changes no file).
-    #[arg(long, default_value_t = 2.0)]
+    /// Safety net for the status snapshot: refreshed in the background at least this
+    /// often even when nothing was seen to change. The snapshot is otherwise refreshed
+    /// the moment the runtime's files change or its daemon ends, and no request ever
+    /// waits for this refresh (only a workspace's very first status request waits).
+    #[arg(long, default_value_t = 300.0)]
     pub status_max_age_seconds: f64,
     /// Give the worker a pi runner: `enqueue` with route `auto` then asks pi for the
     /// decision, `direct` has pi do the work, and pi writes the final answer (as the

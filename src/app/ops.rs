@@ -29,6 +29,13 @@ pub const EXIT_TIMEOUT: i32 = 4;
 
 /// How long `auto` and `nats` wait for the broker before deciding there is none.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+/// Without `--timeout`, the longest wait for a request's remaining frames once its result
+/// is known (they normally arrive within milliseconds).
+const TRAILING_FRAMES_CAP: Duration = Duration::from_secs(30);
+/// The durable result is learnt from its write as it happens; this slow re-read of the
+/// results bucket is only the fallback (a write missed while the link was down, or a role
+/// not allowed to subscribe to its results' subject).
+const RESULT_FALLBACK_POLL: Duration = Duration::from_secs(5);
 
 /// Why a request got no result.
 #[derive(Debug, thiserror::Error)]
@@ -418,6 +425,7 @@ async fn via_bus(
         None
     };
     let timeout = link.timeout;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut reply = None;
     let mut candidates = candidate_subjects(request, &link.workspace);
     // With the bus required, a workspace no worker serves still gets an answer from any
@@ -463,19 +471,24 @@ async fn via_bus(
     let result: OpsResult = serde_json::from_slice(&reply.payload)
         .map_err(|e| BusError::Failed(format!("the worker sent an unreadable result: {e}")))?;
     // Frames precede the result on the worker's connection, but arrive here on another
-    // subscription: print the ones still buffered, up to the finished frame.
+    // subscription: read them up to the last one, which the result's header names (none:
+    // this answer has no frames, e.g. a refusal).
     if let Some(frames) = frames.as_mut() {
-        while let Ok(Some(message)) =
-            tokio::time::timeout(Duration::from_millis(500), frames.next()).await
-        {
-            deliver(&message, on_frame);
-            let finished = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
-                .is_some_and(|v| v.as_str() == EventType::RequestFinished);
-            if finished {
-                break;
+        let last = header_sequence(reply.headers.as_ref());
+        let until = trailing_deadline(deadline);
+        match last {
+            Some(last) => {
+                while let Ok(Some(message)) = tokio::time::timeout_at(until, frames.next()).await {
+                    deliver(&message, on_frame);
+                    if header_sequence(message.headers.as_ref()).is_some_and(|s| s >= last) {
+                        break;
+                    }
+                }
+            }
+            None => {
+                while let Some(Some(message)) = futures::FutureExt::now_or_never(frames.next()) {
+                    deliver(&message, on_frame);
+                }
             }
         }
     }
@@ -494,6 +507,20 @@ fn deliver_bytes(payload: &[u8], on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send))
         line: &line,
         frame: frame.as_ref(),
     });
+}
+
+/// A frame's (or a result's) `Millracer-Sequence` header.
+fn header_sequence(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
+    headers
+        .and_then(|h| h.get(subjects::HEADER_SEQUENCE))
+        .and_then(|v| v.as_str().parse().ok())
+}
+
+/// How long frames still on their way after the result are waited for: up to `--timeout`;
+/// without one, up to [`TRAILING_FRAMES_CAP`] (the result is known; frames lost on the
+/// way must not keep the bridge from exiting).
+fn trailing_deadline(deadline: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    deadline.unwrap_or_else(|| tokio::time::Instant::now() + TRAILING_FRAMES_CAP)
 }
 
 async fn next_frame(frames: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
@@ -615,6 +642,8 @@ async fn via_durable(
     let timeout = link.timeout;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let key = subjects::result_key(workspace, &request.request_id);
+    // Subscribed before anything is published or read, so no write is missed.
+    let writes = watch_result(&client, &key).await;
     if let Some(record) = durable::read_record(&kv, &key)
         .await
         .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?
@@ -623,7 +652,7 @@ async fn via_durable(
         tracing::debug!(request_id = %request.request_id, "answered from the results bucket");
         let mut frames = replay_frames(&js, &request.request_id, workspace, want_frames).await;
         if let Some(frames) = frames.as_mut() {
-            drain_until_finished(frames, on_frame).await;
+            drain_until(frames, record.last_sequence, deadline, on_frame).await;
         }
         return record
             .result()
@@ -669,7 +698,14 @@ async fn via_durable(
             }
         }
     }
-    wait_for_result(&kv, &key, &mut frames, on_frame, deadline, timeout).await
+    let wait = Wait {
+        client: &client,
+        kv: &kv,
+        key: &key,
+        deadline,
+        timeout,
+    };
+    wait.result(writes, &mut frames, on_frame).await
 }
 
 /// `--attach`: the frames a request published so far, then live ones, then its result.
@@ -685,6 +721,7 @@ async fn attach(
     let timeout = link.timeout;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let key = subjects::result_key(workspace, request_id);
+    let writes = watch_result(&client, &key).await;
     let known = durable::read_record(&kv, &key)
         .await
         .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?;
@@ -698,7 +735,14 @@ async fn attach(
         )));
     }
     let mut frames = replay_frames(&js, request_id, workspace, want_frames).await;
-    wait_for_result(&kv, &key, &mut frames, on_frame, deadline, timeout).await
+    let wait = Wait {
+        client: &client,
+        kv: &kv,
+        key: &key,
+        deadline,
+        timeout,
+    };
+    wait.result(writes, &mut frames, on_frame).await
 }
 
 /// A replay of the request's stored frames followed by live ones (an ordered consumer on
@@ -754,66 +798,129 @@ async fn next_replayed(
     }
 }
 
-fn is_finished(message: &async_nats::jetstream::Message) -> bool {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(subjects::HEADER_EVENT_TYPE))
-        .is_some_and(|v| v.as_str() == EventType::RequestFinished)
-}
-
-/// Prints the frames still on their way, up to the finished frame.
-async fn drain_until_finished(
+/// Prints the frames still on their way, up to the request's last one (`last`, from its
+/// record; `None`: the request has no frames, e.g. a refusal), bounded by `--timeout`.
+async fn drain_until(
     frames: &mut async_nats::jetstream::consumer::pull::Ordered,
+    last: Option<u64>,
+    deadline: Option<tokio::time::Instant>,
     on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
 ) {
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(1000), frames.next()).await
-    {
+    let Some(last) = last else {
+        return;
+    };
+    let until = trailing_deadline(deadline);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until, frames.next()).await {
         deliver_bytes(&message.payload, on_frame);
-        if is_finished(&message) {
+        if header_sequence(message.headers.as_ref()).is_some_and(|s| s >= last) {
             break;
         }
     }
 }
 
-/// Waits until the results bucket holds the request's final result, printing frames as
-/// they come. Polls the bucket: unlike a watch, a poll needs no resubscription after a
-/// broker restart.
-async fn wait_for_result(
-    kv: &async_nats::jetstream::kv::Store,
-    key: &str,
-    frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
-    on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+/// A core subscription on the result key's subject: every write of the request's record
+/// arrives as it is written. The client re-subscribes by itself after a reconnect; a write
+/// made while the link was down is caught by re-reading the key once the link is back.
+/// `None` (and the slow poll only) when the subscription cannot be made.
+async fn watch_result(client: &async_nats::Client, key: &str) -> Option<async_nats::Subscriber> {
+    match client.subscribe(subjects::result_key_subject(key)).await {
+        Ok(sub) => Some(sub),
+        Err(err) => {
+            tracing::debug!(%err, "cannot watch the result key; polling it slowly");
+            None
+        }
+    }
+}
+
+/// Waiting for a durable request's result.
+struct Wait<'a> {
+    client: &'a async_nats::Client,
+    kv: &'a async_nats::jetstream::kv::Store,
+    key: &'a str,
     deadline: Option<tokio::time::Instant>,
     timeout: Option<Duration>,
-) -> Result<OpsResult, BusError> {
-    let mut finished_seen = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+}
+
+impl Wait<'_> {
+    /// Waits until the results bucket holds the request's final result, printing frames
+    /// as they come. Learns of the result from the key's writes (see [`watch_result`]),
+    /// re-reads the key after a reconnect, and every [`RESULT_FALLBACK_POLL`] otherwise.
+    async fn result(
+        &self,
+        mut writes: Option<async_nats::Subscriber>,
+        frames: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+        on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
+    ) -> Result<OpsResult, BusError> {
+        let mut last_frame = None;
+        // The key was read just before: the first fallback read is one period away.
+        let mut fallback = tokio::time::interval_at(
+            tokio::time::Instant::now() + RESULT_FALLBACK_POLL,
+            RESULT_FALLBACK_POLL,
+        );
+        // Local only (no network): notices the link coming back, to re-read the key.
+        let mut link = tokio::time::interval(Duration::from_millis(250));
+        link.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_connected = true;
+        let never = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let deadline = self.deadline.unwrap_or(never);
+        loop {
+            let record = tokio::select! {
+                _ = fallback.tick() => self.read().await,
+                _ = link.tick() => {
+                    let connected = self.client.connection_state()
+                        == async_nats::connection::State::Connected;
+                    let back = connected && !was_connected;
+                    was_connected = connected;
+                    if back { self.read().await } else { None }
                 }
-                match durable::read_record(kv, key).await {
-                    Ok(Some(record)) if record.is_done() => {
-                        if !finished_seen && let Some(frames) = frames.as_mut() {
-                            drain_until_finished(frames, on_frame).await;
-                        }
-                        return record.result().ok_or_else(|| {
-                            BusError::Failed("the stored result is unreadable".to_string())
-                        });
+                write = next_write(&mut writes) => match write {
+                    Some(message) => serde_json::from_slice::<durable::JobRecord>(&message.payload).ok(),
+                    None => {
+                        // The subscription ended: the poll alone carries on.
+                        writes = None;
+                        None
                     }
-                    Ok(_) => {}
-                    Err(err) => tracing::debug!(%err, "cannot read the results bucket yet"),
+                },
+                Some(message) = next_replayed(frames) => {
+                    deliver_bytes(&message.payload, on_frame);
+                    last_frame = header_sequence(message.headers.as_ref()).max(last_frame);
+                    None
                 }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(BusError::Timeout(self.timeout.unwrap_or_default()));
+                }
+            };
+            let Some(record) = record.filter(durable::JobRecord::is_done) else {
+                continue;
+            };
+            if let Some(frames) = frames.as_mut() {
+                let missing = match (record.last_sequence, last_frame) {
+                    (Some(last), Some(seen)) if seen >= last => None,
+                    (last, _) => last,
+                };
+                drain_until(frames, missing, self.deadline, on_frame).await;
             }
-            Some(message) = next_replayed(frames) => {
-                deliver_bytes(&message.payload, on_frame);
-                finished_seen |= is_finished(&message);
+            return record
+                .result()
+                .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
+        }
+    }
+
+    async fn read(&self) -> Option<durable::JobRecord> {
+        match durable::read_record(self.kv, self.key).await {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::debug!(%err, "cannot read the results bucket yet");
+                None
             }
         }
+    }
+}
+
+async fn next_write(writes: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match writes {
+        Some(writes) => writes.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -85,6 +85,10 @@ pub struct JobRecord {
     pub daemon_pid: Option<u32>,
     /// The final OpsResult, once done.
     pub result: Option<Value>,
+    /// The sequence of the request's last frame, once done (absent: no frames to wait
+    /// for). A caller replaying frames reads up to this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sequence: Option<u64>,
     pub updated_at: String,
 }
 
@@ -503,6 +507,7 @@ impl Durable {
             work_item: None,
             daemon_pid: None,
             result: None,
+            last_sequence: None,
             updated_at: time::now(),
         }
     }
@@ -670,7 +675,12 @@ impl Durable {
     }
 
     /// Stores the result, then acks (or terminates) the message.
-    pub fn finish(self: &Arc<Self>, reply: JsReply, result: Arc<OpsResult>) {
+    pub fn finish(
+        self: &Arc<Self>,
+        reply: JsReply,
+        result: Arc<OpsResult>,
+        last_sequence: Option<u64>,
+    ) {
         let this = self.clone();
         self.tracker.spawn(async move {
             reply.progress.cancel();
@@ -690,6 +700,7 @@ impl Durable {
                         .or_insert_with(|| (this.running(None), None));
                     entry.0.state = "done".to_string();
                     entry.0.result = value;
+                    entry.0.last_sequence = last_sequence;
                 }
                 this.write(key, true).await;
             }

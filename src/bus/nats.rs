@@ -246,7 +246,11 @@ pub async fn publish_outbound(
                 }
             }
             Outbound::Result {
-                to, result, trace, ..
+                to,
+                result,
+                trace,
+                last_sequence,
+                ..
             } => {
                 let body = bytes::Bytes::from(result.to_json_line());
                 let error = result
@@ -261,7 +265,7 @@ pub async fn publish_outbound(
                             if let (Some(durable), Ok(js)) =
                                 (&durable, other.try_into_inner::<super::durable::JsReply>())
                             {
-                                durable.finish(js, result.clone());
+                                durable.finish(js, result.clone(), last_sequence);
                             }
                             continue;
                         }
@@ -274,6 +278,9 @@ pub async fn publish_outbound(
                     };
                     let mut headers = base_headers(&result.request_id);
                     add_trace(&mut headers, &trace);
+                    if let Some(last) = last_sequence {
+                        headers.insert(subjects::HEADER_SEQUENCE, last.to_string());
+                    }
                     if let Err(err) = client
                         .publish_with_headers(subject, headers, body.clone())
                         .await

@@ -156,6 +156,14 @@ pub fn result_key(workspace: Option<&str>, request_id: &str) -> String {
     format!("{}.{}", scope(workspace), token(request_id))
 }
 
+/// The subject every write of one result key is published on
+/// (`$KV.MILLRACER_RESULTS.<key>`): a core subscription on it sees the request's record
+/// as it is written, with no JetStream consumer (so no right beyond reading the
+/// workspace's results is needed).
+pub fn result_key_subject(key: &str) -> String {
+    format!("$KV.{RESULTS_BUCKET}.{key}")
+}
+
 /// The KV subject of one workspace's results (`$KV.MILLRACER_RESULTS.<workspace>.>`): what
 /// a role scoped to that workspace may read.
 pub fn results_of_workspace(workspace: Option<&str>) -> String {

@@ -46,5 +46,9 @@ pub enum Outbound {
         workspace: Option<String>,
         result: Arc<OpsResult>,
         trace: Arc<TraceContext>,
+        /// The sequence of the request's last frame (its `request.finished`), `None` when
+        /// this answer comes with no frames (a refusal, a stored result). Sent with the
+        /// result so a caller reads frames up to it instead of guessing when they end.
+        last_sequence: Option<u64>,
     },
 }

@@ -1,6 +1,13 @@
 //! Requests keyed by request_id: a request_id seen again is not run again. A caller that
 //! repeats a running request waits for its result; one that repeats a finished request
-//! gets the stored result at once.
+//! that changed something gets the stored result at once.
+//!
+//! Only what idempotency needs is kept: running requests (any action) and finished
+//! mutating ones. A finished read-only result is forgotten at once (answering the read
+//! again is harmless and current), so a stream of status calls leaves nothing behind.
+//! Kept results are their compact JSON bytes, not value trees (a runtime status is ~50
+//! keys: a tree costs several times its text). The durable results bucket stays the
+//! long memory of durable requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -16,14 +23,20 @@ pub enum Admission {
     New,
     /// Running: the reply address was added to its waiters.
     Attached,
-    /// Finished recently: answer this reply address with this result.
+    /// Finished recently (and it changed something): answer this reply address with this
+    /// result.
     Finished(Arc<OpsResult>, Option<ReplyTo>),
 }
 
 #[derive(Debug)]
 enum Entry {
-    Running { waiters: Vec<ReplyTo> },
-    Done { result: Arc<OpsResult> },
+    Running {
+        waiters: Vec<ReplyTo>,
+    },
+    /// The result's compact JSON (`serde_json`), parsed again only when replayed.
+    Done {
+        result: bytes::Bytes,
+    },
 }
 
 /// In-memory ledger of running and recently finished requests, bounded by age and count.
@@ -53,7 +66,20 @@ impl Ledger {
                 waiters.extend(reply);
                 Admission::Attached
             }
-            Some(Entry::Done { result }) => Admission::Finished(result.clone(), reply),
+            Some(Entry::Done { result }) => match serde_json::from_slice::<OpsResult>(result) {
+                Ok(result) => Admission::Finished(Arc::new(result), reply),
+                // Cannot happen for bytes we wrote; running it again is the safe answer.
+                Err(err) => {
+                    tracing::warn!(%err, request_id, "stored result unreadable; running again");
+                    self.entries.insert(
+                        request_id.to_string(),
+                        Entry::Running {
+                            waiters: reply.into_iter().collect(),
+                        },
+                    );
+                    Admission::New
+                }
+            },
             None => {
                 self.entries.insert(
                     request_id.to_string(),
@@ -66,19 +92,40 @@ impl Ledger {
         }
     }
 
-    /// Stores a result and returns every reply address waiting for it.
-    pub fn finish(&mut self, request_id: &str, result: Arc<OpsResult>) -> Vec<ReplyTo> {
-        let waiters = match self
-            .entries
-            .insert(request_id.to_string(), Entry::Done { result })
-        {
+    /// Ends a request and returns every reply address waiting for it. `keep`: remember
+    /// the result for a repeated request_id (mutating actions); otherwise the request_id
+    /// is forgotten now and a repeat runs again.
+    pub fn finish(&mut self, request_id: &str, result: &OpsResult, keep: bool) -> Vec<ReplyTo> {
+        let stored = if keep {
+            match serde_json::to_vec(result) {
+                Ok(bytes) => Some(bytes::Bytes::from(bytes)),
+                Err(err) => {
+                    tracing::warn!(%err, request_id, "result not storable; a repeat runs again");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let previous = match stored {
+            Some(result) => {
+                self.finished
+                    .push_back((request_id.to_string(), Instant::now()));
+                self.entries
+                    .insert(request_id.to_string(), Entry::Done { result })
+            }
+            None => self.entries.remove(request_id),
+        };
+        self.evict(Instant::now());
+        match previous {
             Some(Entry::Running { waiters }) => waiters,
             _ => Vec::new(),
-        };
-        self.finished
-            .push_back((request_id.to_string(), Instant::now()));
-        self.evict(Instant::now());
-        waiters
+        }
+    }
+
+    /// How many finished results are remembered.
+    pub fn remembered(&self) -> usize {
+        self.entries.len() - self.running()
     }
 
     /// How many requests are running.
@@ -108,18 +155,19 @@ mod tests {
     use super::*;
     use crate::contract::{OpsResult, Record, WorkspaceRef};
 
-    fn result() -> Arc<OpsResult> {
-        Arc::new(OpsResult::failure(
+    fn result() -> OpsResult {
+        OpsResult::failure(
             "r",
             "a",
             WorkspaceRef::default(),
             "t".into(),
             Record::error(crate::contract::ErrorCode::ServiceError, "y"),
-        ))
+        )
     }
 
     #[test]
     fn duplicates_attach_then_replay() {
+        let finished = result();
         let mut ledger = Ledger::new(Duration::from_secs(60), 10);
         assert!(matches!(
             ledger.admit("r", Some(ReplyTo::new("a"))),
@@ -131,16 +179,30 @@ mod tests {
         ));
         assert_eq!(
             ledger
-                .finish("r", result())
+                .finish("r", &finished, true)
                 .into_iter()
                 .filter_map(|r| r.into_inner::<&str>())
                 .collect::<Vec<_>>(),
             vec!["a", "b"]
         );
+        match ledger.admit("r", Some(ReplyTo::new("c"))) {
+            Admission::Finished(stored, Some(_)) => assert_eq!(*stored, finished),
+            other => panic!("expected the stored result, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_only_results_are_not_kept() {
+        let mut ledger = Ledger::new(Duration::from_secs(60), 10);
+        assert!(matches!(ledger.admit("r", None), Admission::New));
         assert!(matches!(
-            ledger.admit("r", Some(ReplyTo::new("c"))),
-            Admission::Finished(_, Some(_))
+            ledger.admit("r", Some(ReplyTo::new("b"))),
+            Admission::Attached
         ));
+        assert_eq!(ledger.finish("r", &result(), false).len(), 1);
+        assert_eq!(ledger.remembered(), 0);
+        assert_eq!(ledger.running(), 0);
+        assert!(matches!(ledger.admit("r", None), Admission::New));
     }
 
     #[test]
@@ -148,7 +210,7 @@ mod tests {
         let mut ledger = Ledger::new(Duration::from_secs(60), 2);
         for id in ["a", "b", "c"] {
             ledger.admit(id, None);
-            ledger.finish(id, result());
+            ledger.finish(id, &result(), true);
         }
         assert!(matches!(ledger.admit("a", None), Admission::New));
         assert!(matches!(

@@ -177,6 +177,7 @@ impl Engine {
                     workspace: None,
                     result,
                     trace: Arc::new(trace::context_of(parent)),
+                    last_sequence: None,
                 });
                 return;
             }
@@ -258,6 +259,7 @@ impl Engine {
             workspace: None,
             result: Arc::new(result),
             trace: Arc::default(),
+            last_sequence: None,
         });
     }
 
@@ -361,13 +363,16 @@ impl Engine {
             if self.service.serving == Serving::Registered {
                 result.event_cursor = Some(last.to_string());
             }
+            // Only a request that changed something is remembered after it finished.
+            let keep = plan.action.is_mutating();
+            let to = self.lock_ledger().finish(&key, &result, keep);
             let result = Arc::new(result);
-            let to = self.lock_ledger().finish(&key, result.clone());
             let _ = self.out.send(Outbound::Result {
                 to,
                 workspace: plan.workspace_id.clone(),
                 result,
                 trace: progress.trace(),
+                last_sequence: Some(progress.last_sequence()),
             });
         }
         .instrument(span)

@@ -9,12 +9,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::millrace::command::{Millrace, RuntimeError, exit_code};
+use crate::millrace::exit_watch::alive;
 
 /// A running (or finished) daemon this process started.
 #[derive(Debug)]
 pub struct Daemon {
     /// `None` for a daemon adopted from a worker that is gone: not our child, so its end
-    /// is seen by polling its pid.
+    /// is seen through a pidfd (`exit_watch`).
     child: Option<Child>,
     pid: Option<u32>,
     log_path: PathBuf,
@@ -135,9 +136,9 @@ impl Daemon {
                 Err(_) => -1,
             },
             None => {
-                // Not our child: its exit status is not ours to read.
-                while self.pid.is_some_and(alive) {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                // Not our child: its exit status is not ours to read, only its end.
+                if let Some(pid) = self.pid {
+                    crate::millrace::exit_watch::exited(pid).await;
                 }
                 -1
             }
@@ -195,18 +196,6 @@ impl Daemon {
 
     async fn wait_for(&mut self, limit: Duration) -> bool {
         tokio::time::timeout(limit, self.wait()).await.is_ok()
-    }
-}
-
-/// A live, non-zombie process.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses, which may itself hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 
