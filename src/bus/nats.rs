@@ -153,7 +153,7 @@ pub async fn connect(
         .await
         .map_err(|e| ConnectError::Connect {
             url: url.to_string(),
-            message: e.to_string(),
+            message: plain_cause(&e.to_string()),
         })
 }
 
@@ -188,7 +188,7 @@ pub async fn connect_patiently(
             }
             Err(ConnectError::Connect { message, .. }) => {
                 failures += 1;
-                let cause = plain_cause(&message);
+                let cause = message;
                 let say = match &said {
                     Some((last, at)) => *last != cause || at.elapsed() >= SAY_AGAIN_EVERY,
                     None => true,
