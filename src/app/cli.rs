@@ -209,10 +209,10 @@ pub struct NatsOptions {
     /// (default: the system's).
     #[arg(long, env = "MILLRACER_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (with `--nats-tls-key`).
+    /// PEM client certificate for mutual TLS (with `--nats-tls-key`; default: none).
     #[arg(long, env = "MILLRACER_NATS_TLS_CERT", requires = "nats_tls_key")]
     pub nats_tls_cert: Option<PathBuf>,
-    /// PEM private key of the client certificate.
+    /// PEM private key of the client certificate (default: none).
     #[arg(long, env = "MILLRACER_NATS_TLS_KEY", requires = "nats_tls_cert")]
     pub nats_tls_key: Option<PathBuf>,
     /// Refuse to talk to the server without TLS (default: TLS when the server asks for it).
@@ -325,11 +325,11 @@ pub struct OpsArgs {
     #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
     pub submit: Submit,
     /// Re-attach to a request sent earlier (by request_id): replay its frames, wait for and
-    /// print its result. Reads no stdin.
+    /// print its result. Reads no stdin (default: send the request read from stdin).
     #[arg(long, value_name = "REQUEST_ID")]
     pub attach: Option<String>,
     /// The workspace id the `--attach`ed request was sent for: result keys and frames are
-    /// scoped by workspace. Without it, a workspace-less request (`jobs.any`).
+    /// scoped by workspace (default: a workspace-less request, `jobs.any`).
     #[arg(long, value_name = "WORKSPACE_ID", requires = "attach")]
     pub attach_workspace: Option<String>,
     /// Print the OpsResult as indented JSON (this or `--stream-json` is required).

@@ -69,6 +69,15 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             Some(&record.id),
         ));
         tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
+        if !crate::millrace::records::agents_dir(&record.root).is_dir() {
+            // Served anyway (it may be initialised later), but its requests fail until then.
+            tracing::warn!(
+                workspace = %record.id,
+                "{} is not a Millrace workspace yet (no millrace-agents/): run `millrace init --workspace {}` (its requests fail until then)",
+                record.root.display(),
+                record.root.display()
+            );
+        }
     }
     let ack_wait =
         crate::app::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
