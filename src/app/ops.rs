@@ -4,6 +4,10 @@
 //! Exit codes: 0 done (also `blocked`/`incomplete`), 1 the result is `failed` or the
 //! request is invalid (the reference's), 2 usage, 3 no worker answers for the workspace
 //! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
+//!
+//! Never silent: a wait longer than a second (the broker, a worker, the result) is said on
+//! stderr with what is waited for and `--timeout`; stdout carries only the result (and
+//! frames with `--stream-json`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
