@@ -1,7 +1,7 @@
 //! First contact: what a new user sees at the default log level when the broker is not
 //! there, comes late, has no JetStream or is too old; that the oldest supported
 //! nats-server (2.10, `MILLRACER_TEST_NATS_SERVER_OLD`) serves the core scenarios; and that
-//! the bridge says on stderr what it waits for.
+//! the bridge says on stderr what it waits for; a request without a schema names the field.
 //!
 //! Each worker here runs without `RUST_LOG` (its default level) and every wait for a line
 //! is bounded.
@@ -514,6 +514,34 @@ fn the_bridge_says_what_it_waits_for() {
     );
     assert!(stderr.contains("--timeout"), "{stderr}");
     assert!(out.stdout.is_empty());
+
+    // A request without schema_version: the reference's message, and the field named.
+    common::rt().block_on(async {
+        let client = async_nats::connect(&broker.url).await.expect("connect");
+        let mut request = request_json(
+            "fc-no-schema",
+            "list_workspaces",
+            json!({}),
+            json!({"kind": "structured_action", "payload": {}}),
+        );
+        if let Some(fields) = request.as_object_mut() {
+            fields.remove("schema_version");
+        }
+        let reply = client
+            .request(common::REQUEST_ANY_SUBJECT, request.to_string().into())
+            .await
+            .expect("the worker answers");
+        let result: Value = serde_json::from_slice(&reply.payload).expect("an OpsResult");
+        assert_eq!(result["errors"][0]["code"], "invalid_request", "{result:#}");
+        assert_eq!(
+            result["errors"][0]["message"],
+            "unsupported ops schema: None"
+        );
+        let hint = result["errors"][0]["suggested_action"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(hint.contains("schema_version is missing"), "{result:#}");
+    });
 
     // A broker with no worker at all: said, then in-process.
     drop(worker);
