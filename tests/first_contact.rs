@@ -260,7 +260,7 @@ fn no_broker_is_said_at_once_and_a_late_broker_is_served() {
     let refused = worker
         .log()
         .lines()
-        .filter(|l| l.contains("cannot reach"))
+        .filter(|l| l.contains("cannot reach") && l.contains("connection refused"))
         .count();
     assert_eq!(
         refused,
@@ -332,6 +332,7 @@ fn a_broker_without_jetstream_is_refused_unless_core_only() {
         &["--core-only", "--ready-file", &ready_arg],
     );
     worker.wait_line(&["worker ready", "core request/reply only"], LINE_WITHIN);
+    worker.wait_line(&["ready file written"], LINE_WITHIN);
     let out = run_ops(
         &[
             "ops",
