@@ -27,7 +27,8 @@ die() {
 }
 
 # --- 1. set-up and build ----------------------------------------------------------------------
-scripts/setup.sh >/dev/null
+# Only what the demo uses: no pi (the worker runs no model here), no old nats-server.
+scripts/setup.sh --no-pi --no-old-nats >/dev/null
 NATS_SERVER="$ROOT/.venv/bin/nats-server"
 MILLRACE="$ROOT/.venv/bin/millrace"
 

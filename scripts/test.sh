@@ -3,8 +3,9 @@
 #   1. scripts/setup.sh   (the pinned nats-server, millrace and pi; quick when already there)
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
-#   4. cargo test --all-targets [ARGS...]   with MILLRACER_TEST_NATS_SERVER, MILLRACER_TEST_MILLRACE
-#      and MILLRACER_TEST_PI set to the binaries setup.sh installed.
+#   4. cargo test --all-targets [ARGS...]   with MILLRACER_TEST_NATS_SERVER,
+#      MILLRACER_TEST_NATS_SERVER_OLD, MILLRACER_TEST_MILLRACE and MILLRACER_TEST_PI set to
+#      the binaries setup.sh installed.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 #   scripts/test.sh                          everything
@@ -28,6 +29,9 @@ step "scripts/setup.sh"
 scripts/setup.sh || fail "scripts/setup.sh"
 
 export MILLRACER_TEST_NATS_SERVER="$ROOT/.venv/bin/nats-server"
+# The oldest nats-server millracer supports (tests/first_contact.rs runs the core scenarios
+# against it too).
+export MILLRACER_TEST_NATS_SERVER_OLD="$ROOT/.venv-old/bin/nats-server"
 export MILLRACER_TEST_MILLRACE="$ROOT/.venv/bin/millrace"
 export MILLRACER_TEST_PI="$ROOT/.tools/pi/node_modules/.bin/pi"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use millracer::app::cli::{Cli, Command};
 use millracer::app::{events, operator, ops, run, telemetry, worker};
+use millracer::bus::broker::Incompatible;
 
 fn main() -> ExitCode {
     // The reference prints its help on stdout and exits 2 when no subcommand is given.
@@ -31,7 +32,13 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Worker(args) => {
             let _telemetry = telemetry("info", "millracer-worker");
-            exit_code(runtime.block_on(worker::run(args)))
+            match runtime.block_on(worker::run(args)) {
+                // Already said as an ERROR line naming the server and what is needed.
+                Err(err) if err.downcast_ref::<Incompatible>().is_some() => {
+                    i32::from(worker::EXIT_INCOMPATIBLE_BROKER)
+                }
+                outcome => exit_code(outcome),
+            }
         }
         Command::Ops(args) => {
             let _telemetry = telemetry("warn", "millracer-ops");

@@ -14,7 +14,8 @@ use crate::app::telemetry::LogFormat;
     about = "Millrace on a NATS bus: typed ops requests, per-workspace lanes, streamed event frames."
 )]
 pub struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr: `text` (readable) or `json` (one object per line). Levels
+    /// follow `RUST_LOG` (default: `info` for the worker, `warn` for the others).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MILLRACER_LOG_FORMAT")]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -24,34 +25,72 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve Millrace workspaces on the bus.
+    #[command(after_help = WORKER_EXAMPLES)]
     Worker(WorkerArgs),
     /// Send one OpsRequest (stdin) and print its OpsResult, like any other adapter.
+    #[command(after_help = OPS_EXAMPLES)]
     Ops(OpsArgs),
     /// Follow the event frames of every workspace (or one) live, as Mission Control does.
+    #[command(after_help = EVENTS_EXAMPLES)]
     Events(EventsArgs),
     /// Run one task in plain language: pi decides, works directly or delegates to
     /// Millrace, and reports the real outcome.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// A persistent session to type tasks into (one pi conversation for all of them).
+    #[command(after_help = OPERATOR_EXAMPLES)]
     Operator(OperatorArgs),
 }
 
+const WORKER_EXAMPLES: &str = "\
+Examples:
+  .venv/bin/millrace init --workspace ./ws      # once: a workspace needs `millrace init`
+  .venv/bin/nats-server -js -sd /tmp/nats &     # a broker with JetStream
+  millracer worker --workspace demo=./ws --ready-file /tmp/millracer.ready
+
+Exit codes: 0 stopped by SIGTERM/SIGINT, 1 bad configuration, 3 the broker cannot serve
+durable intake (no JetStream, or nats-server older than 2.10; --core-only serves anyway).";
+
+const OPS_EXAMPLES: &str = "\
+Examples:
+  echo '{\"schema_version\":\"millracer.ops.v0.2\",\"request_id\":\"r1\",\"workspace_ref\":{\"workspace_id\":\"demo\"},\"source\":{\"kind\":\"cli\",\"surface\":\"shell\"},\"action\":\"status\",\"input\":{\"kind\":\"structured_action\",\"payload\":{}}}' \\
+    | millracer ops --json --transport nats --timeout 30
+
+Exit codes: 0 done, 1 failed or invalid request, 2 usage, 3 no worker / no broker
+(--transport nats), 4 --timeout reached.";
+
+const EVENTS_EXAMPLES: &str = "\
+Examples:
+  millracer events --follow                          # every workspace's frames, live
+  millracer events --replay --request r1 --workspace demo --json";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  millracer run --workspace ./ws \"Add a health endpoint and test it\"
+  echo '{\"task\": \"Fix the failing test\"}' | millracer run --benchmark-json --output json";
+
+const OPERATOR_EXAMPLES: &str = "\
+Examples:
+  millracer operator --workspace ./ws      # then type tasks; /exit, /quit or EOF ends it";
+
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("mode").args(["follow", "replay"]).required(true).multiple(true)))]
 pub struct EventsArgs {
-    /// Keep following frames as they are published (required: frames are live).
+    /// Follow frames live as they are published, until Ctrl-C (give this, `--replay`, or both).
     #[arg(long)]
     pub follow: bool,
-    /// Only this workspace's frames.
-    #[arg(long)]
+    /// Only this workspace's frames (default: every workspace's).
+    #[arg(long, value_name = "WORKSPACE_ID")]
     pub workspace: Option<String>,
-    /// Only this request's frames.
-    #[arg(long)]
+    /// Only this request's frames (default: every request's).
+    #[arg(long, value_name = "REQUEST_ID")]
     pub request: Option<String>,
-    /// Print the frames themselves, one JSON object per line.
+    /// Print the frames themselves, one JSON object per line (default: one readable line each).
     #[arg(long)]
     pub json: bool,
     /// Replay the stored frames (of `--request`, `--workspace` or all) in order from the
-    /// frames stream first; with `--follow`, go on live after them.
+    /// frames stream first; with `--follow`, go on live after them, else stop once no new
+    /// frame came for a second.
     #[arg(long)]
     pub replay: bool,
     #[command(flatten)]
@@ -60,59 +99,83 @@ pub struct EventsArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Route {
+    /// pi decides: work directly or delegate to Millrace.
     Auto,
+    /// pi does the work itself.
     Direct,
+    /// Delegate to Millrace (queue the work, run the daemon).
     Millrace,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Intake {
+    /// Chosen by pi's decision, else by the task's wording.
     Auto,
+    /// A probe (a question to investigate).
     Probe,
+    /// An idea (planned before it is built).
     Idea,
+    /// A task (ready to execute).
     Task,
 }
 
 /// The reference's common options, with its defaults.
 #[derive(Debug, Clone, Args)]
 pub struct CommonOptions {
-    /// Working directory for runtime commands, when it differs from the workspace.
+    /// Working directory for runtime commands, when it differs from the workspace
+    /// (default: the workspace).
     #[arg(long)]
     pub cwd: Option<PathBuf>,
+    /// Who does the work: pi decides (`auto`), pi itself (`direct`) or Millrace (`millrace`).
     #[arg(long, value_enum, default_value_t = Route::Auto)]
     pub route: Route,
+    /// The Millrace intake kind for delegated work (`auto`: from the decision or the wording).
     #[arg(long, value_enum, default_value_t = Intake::Auto)]
     pub intake: Intake,
+    /// The pi coding agent program (one executable; never a shell line).
     #[arg(long, default_value = "pi")]
     pub pi_command: String,
     /// The Millrace CLI program (one executable; never a shell line).
     #[arg(long, default_value = "millrace", env = "MILLRACER_MILLRACE_COMMAND")]
     pub millrace_command: String,
+    /// The model provider pi uses, passed as `pi --provider` (default: pi's own setting).
     #[arg(long)]
     pub provider: Option<String>,
+    /// The model pi uses, passed as `pi --model` (default: pi's own setting).
     #[arg(long)]
     pub model: Option<String>,
+    /// pi's thinking level, passed as `pi --thinking` (empty: not passed).
     #[arg(long, default_value = "high")]
     pub thinking: String,
     /// Millrace mode for delegated work (also each workspace's default mode).
     #[arg(long, default_value = "default_pi")]
     pub millrace_mode: String,
-    #[arg(long = "skill")]
+    /// A pi skill directory to load, passed as `pi --skill` (repeatable; given ones replace
+    /// the default skills; default: none).
+    #[arg(long = "skill", value_name = "PATH")]
     pub skills: Vec<PathBuf>,
+    /// Do not look for Millrace's own skills next to the installation (default: look).
     #[arg(long)]
     pub no_default_skills: bool,
+    /// How often a running Millrace daemon's status is polled, in seconds.
     #[arg(long, default_value_t = 2.0)]
     pub poll_interval_seconds: f64,
+    /// Give up waiting for delegated work after this many seconds (per wait).
     #[arg(long, default_value_t = 7200.0)]
     pub daemon_timeout_seconds: f64,
+    /// How often a Millrace daemon that died is started again for one delegated task.
     #[arg(long, default_value_t = 1)]
     pub max_daemon_restarts: u32,
+    /// Upper bound in seconds for one pi turn; it is aborted after that (default: 3600).
     #[arg(long)]
     pub pi_timeout_seconds: Option<u64>,
+    /// Leave the Millrace daemon running after delegated work ends (default: stop it).
     #[arg(long)]
     pub keep_daemon: bool,
+    /// Tell pi about each stage Millrace finishes while delegated work runs (the default).
     #[arg(long, overrides_with = "no_notify_terminal_stages")]
     pub notify_terminal_stages: bool,
+    /// Do not tell pi about finished stages (default: tell it).
     #[arg(long, overrides_with = "notify_terminal_stages")]
     pub no_notify_terminal_stages: bool,
     /// Upper bound in seconds for one short runtime command (status, queue add …).
@@ -123,36 +186,41 @@ pub struct CommonOptions {
 /// How to reach NATS and prove who we are.
 #[derive(Debug, Clone, Args)]
 pub struct NatsOptions {
-    /// NATS server URL [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "MILLRACER_NATS_URL")]
+    /// NATS server URL (default: the worker's `--config` `[nats] url`, else
+    /// nats://127.0.0.1:4222).
+    #[arg(long, env = "MILLRACER_NATS_URL", value_name = "URL")]
     pub nats_url: Option<String>,
+    /// User name for NATS user/password authentication (with `--nats-password`; default: none).
     #[arg(long, env = "MILLRACER_NATS_USER")]
     pub nats_user: Option<String>,
+    /// Password for NATS user/password authentication (default: none).
     #[arg(long, env = "MILLRACER_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+    /// Token for NATS token authentication (default: none).
     #[arg(long, env = "MILLRACER_NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
-    /// A `.creds` file (JWT + nkey seed).
+    /// A `.creds` file (JWT + nkey seed; default: none).
     #[arg(long, env = "MILLRACER_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
-    /// A file holding an nkey seed (`SU…`) to authenticate with.
+    /// A file holding an nkey seed (`SU…`) to authenticate with (default: none).
     #[arg(long, env = "MILLRACER_NATS_NKEY")]
     pub nats_nkey: Option<PathBuf>,
-    /// PEM file of the CA certificates to trust for the server's TLS certificate.
+    /// PEM file of the CA certificates to trust for the server's TLS certificate
+    /// (default: the system's).
     #[arg(long, env = "MILLRACER_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
-    /// PEM client certificate for mutual TLS (with `--nats-tls-key`).
+    /// PEM client certificate for mutual TLS (with `--nats-tls-key`; default: none).
     #[arg(long, env = "MILLRACER_NATS_TLS_CERT", requires = "nats_tls_key")]
     pub nats_tls_cert: Option<PathBuf>,
-    /// PEM private key of the client certificate.
+    /// PEM private key of the client certificate (default: none).
     #[arg(long, env = "MILLRACER_NATS_TLS_KEY", requires = "nats_tls_cert")]
     pub nats_tls_key: Option<PathBuf>,
-    /// Refuse to talk to the server without TLS.
+    /// Refuse to talk to the server without TLS (default: TLS when the server asks for it).
     #[arg(long, env = "MILLRACER_NATS_TLS_REQUIRED")]
     pub nats_tls_required: bool,
     /// Reply inboxes (core replies and JetStream API replies) under this prefix instead of
     /// `_INBOX`, so the broker can let this role read only its own replies
-    /// (`_INBOX_<role>` by convention; see docs/permissions.md).
+    /// (`_INBOX_<role>` by convention; see docs/permissions.md; default: `_INBOX`).
     #[arg(long, env = "MILLRACER_INBOX_PREFIX", value_name = "PREFIX")]
     pub inbox_prefix: Option<String>,
 }
@@ -181,24 +249,32 @@ pub use crate::bus::nats::DEFAULT_NATS_URL;
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// A workspace to serve: `PATH`, or `ID=PATH` (repeatable). A single unnamed one
-    /// gets the id `default`.
+    /// gets the id `default`. Each must have been made by `millrace init --workspace PATH`.
     #[arg(long = "workspace", value_name = "[ID=]PATH")]
     pub workspaces: Vec<String>,
-    /// A TOML file listing workspaces (and optionally `[nats] url`).
+    /// A TOML file listing workspaces (and optionally `[nats] url`; default: none).
     #[arg(long, env = "MILLRACER_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Write this file once the worker serves (it holds what it serves, as JSON) and remove
+    /// it when the worker stops: a readiness probe for service managers (default: none).
+    #[arg(long, env = "MILLRACER_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     /// Requests larger than this many bytes are refused with `request_too_large`.
     #[arg(long, default_value_t = 256 * 1024)]
     pub max_request_bytes: usize,
-    /// How long a finished mutating result is kept for a repeated request_id (read-only
-    /// results are not kept: a repeat is answered again).
+    /// In this worker's memory: how long a finished mutating result is kept to answer a
+    /// request_id sent again by core request/reply (read-only results are not kept: a repeat
+    /// is answered again; lost when the worker stops; compare `--result-retention-seconds`).
     #[arg(long, default_value_t = 900)]
     pub result_ttl_seconds: u64,
-    /// How many finished mutating results are kept for repeated request_ids.
+    /// In this worker's memory: how many finished mutating results are kept for repeated
+    /// request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
-    /// How long each request's state and final result are kept by request_id in the
-    /// JetStream bucket (a request_id sent again within it is answered from there).
+    /// On the broker: how long each request's state and final result are kept by request_id
+    /// in the JetStream results bucket, shared by every worker and surviving restarts (a
+    /// request_id sent again within it is answered from there), and how long a durable
+    /// request may wait in the jobs stream. Used when this worker creates them.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub result_retention_seconds: u64,
     /// A durable request not acked (or progress-acked) for this long goes to another worker.
@@ -214,9 +290,12 @@ pub struct WorkerArgs {
     /// Give the worker a pi runner: `enqueue` with route `auto` then asks pi for the
     /// decision, `direct` has pi do the work, and pi writes the final answer (as the
     /// reference's enqueue does). Without it (or `[pi] enabled = true` in --config) the
-    /// worker runs no model.
+    /// worker runs no model (default: off).
     #[arg(long)]
     pub pi_runner: bool,
+    /// Serve core request/reply only: no JetStream intake, no results bucket (for brokers without JetStream).
+    #[arg(long)]
+    pub core_only: bool,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]
@@ -249,25 +328,30 @@ pub struct OpsArgs {
     #[arg(long, value_enum, default_value_t = Submit::Durable, env = "MILLRACER_SUBMIT")]
     pub submit: Submit,
     /// Re-attach to a request sent earlier (by request_id): replay its frames, wait for and
-    /// print its result. Reads no stdin.
+    /// print its result. Reads no stdin (default: send the request read from stdin).
     #[arg(long, value_name = "REQUEST_ID")]
     pub attach: Option<String>,
     /// The workspace id the `--attach`ed request was sent for: result keys and frames are
-    /// scoped by workspace. Without it, a workspace-less request (`jobs.any`).
+    /// scoped by workspace (default: a workspace-less request, `jobs.any`).
     #[arg(long, value_name = "WORKSPACE_ID", requires = "attach")]
     pub attach_workspace: Option<String>,
-    /// Print the OpsResult as indented JSON.
+    /// Print the OpsResult as indented JSON (this or `--stream-json` is required).
     #[arg(long)]
     pub json: bool,
     /// Print each event frame as one JSON line as it arrives, then the OpsResult line.
     #[arg(long)]
     pub stream_json: bool,
+    /// Where the request runs: `auto` = on the bus when a millracer worker answers there,
+    /// else in-process (said on stderr); `nats` = the bus only (no worker: exit 3);
+    /// `local` = in-process, no bus.
     #[arg(long, value_enum, default_value_t = Transport::Auto, env = "MILLRACER_TRANSPORT")]
     pub transport: Transport,
-    /// Give up waiting for the result after this many seconds (default: wait).
-    #[arg(long)]
+    /// Give up waiting for the result after this many seconds, exit 4 (default: wait; what
+    /// is waited for is said on stderr after a second).
+    #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
-    /// Workspace root and default command working directory.
+    /// Workspace root and default command working directory (in-process runs, and requests
+    /// that name no workspace).
     #[arg(long, default_value = ".")]
     pub workspace: PathBuf,
     #[command(flatten)]
@@ -302,8 +386,10 @@ pub struct RunArgs {
     /// `workspace`, `scoped_work_item`/`work_item`/`scope`, `intake_kind`, `metadata`).
     #[arg(long)]
     pub benchmark_json: bool,
+    /// How pi runs: one long-lived `pi --mode rpc` (`rpc`) or one `pi --print` per turn.
     #[arg(long, value_enum, default_value_t = PiSessionArg::Rpc)]
     pub pi_session: PiSessionArg,
+    /// What goes to stdout: the final answer (`text`) or the RunResult document (`json`).
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// Workspace root and default working directory.

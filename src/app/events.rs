@@ -6,7 +6,7 @@ use std::io::Write;
 use futures::StreamExt;
 
 use crate::app::cli::EventsArgs;
-use crate::bus::nats::{self, Patience};
+use crate::bus::nats;
 use crate::bus::subjects;
 use crate::contract::OpsEventFrame;
 
@@ -17,13 +17,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         );
     }
     let url = nats::url(&args.nats.credentials(), None);
-    let client = nats::connect(
-        &args.nats.credentials(),
-        &url,
-        "millracer-events",
-        Patience::Retry,
-    )
-    .await?;
+    // Says on stderr while the broker cannot be reached (with the cause), never silent.
+    let client =
+        nats::connect_patiently(&args.nats.credentials(), &url, "millracer-events").await?;
     // With both, the exact subject: what a role scoped to that workspace may read.
     let subject = match (&args.request, &args.workspace) {
         (Some(request_id), Some(ws)) => subjects::frames(Some(ws), request_id),

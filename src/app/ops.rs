@@ -4,6 +4,10 @@
 //! Exit codes: 0 done (also `blocked`/`incomplete`), 1 the result is `failed` or the
 //! request is invalid (the reference's), 2 usage, 3 no worker answers for the workspace
 //! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
+//!
+//! Never silent: a wait longer than a second (the broker, a worker, the result) is said on
+//! stderr with what is waited for and `--timeout`; stdout carries only the result (and
+//! frames with `--stream-json`).
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -36,6 +40,47 @@ const TRAILING_FRAMES_CAP: Duration = Duration::from_secs(30);
 /// results bucket is only the fallback (a write missed while the link was down, or a role
 /// not allowed to subscribe to its results' subject).
 const RESULT_FALLBACK_POLL: Duration = Duration::from_secs(5);
+
+/// A wait longer than this is said on stderr: what is waited for, and `--timeout`.
+const NOTE_AFTER: Duration = Duration::from_secs(1);
+/// ...and said again this often while it lasts.
+const NOTE_AGAIN_EVERY: Duration = Duration::from_secs(30);
+
+/// Says on stderr what the bridge waits for once the wait has lasted [`NOTE_AFTER`], and
+/// again every [`NOTE_AGAIN_EVERY`]; silent when the wait ends sooner (dropped). The
+/// bridge never waits silently, whatever the transport.
+struct WaitNote(tokio::task::JoinHandle<()>);
+
+impl WaitNote {
+    fn start(what: String) -> Self {
+        Self(tokio::spawn(async move {
+            let since = tokio::time::Instant::now();
+            tokio::time::sleep(NOTE_AFTER).await;
+            eprintln!("millracer: waiting for {what}");
+            loop {
+                tokio::time::sleep(NOTE_AGAIN_EVERY).await;
+                eprintln!(
+                    "millracer: still waiting ({} s) for {what}",
+                    since.elapsed().as_secs()
+                );
+            }
+        }))
+    }
+}
+
+impl Drop for WaitNote {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long the bridge will wait, in words naming `--timeout`.
+fn patience(timeout: Option<Duration>) -> String {
+    match timeout {
+        None => "no time limit; give --timeout SECONDS to stop waiting".to_string(),
+        Some(t) => format!("giving up after {} s (--timeout)", t.as_secs_f64()),
+    }
+}
 
 /// Why a request got no result.
 #[derive(Debug, thiserror::Error)]
@@ -390,30 +435,7 @@ async fn via_bus(
     on_frame: &mut (dyn FnMut(FrameIn<'_>) + Send),
     ask_any_worker: bool,
 ) -> Result<OpsResult, BusError> {
-    let url = nats::url(&link.nats.credentials(), None);
-    let client = nats::connect(
-        &link.nats.credentials(),
-        &url,
-        "millracer-ops",
-        Patience::Once(CONNECT_PATIENCE),
-    )
-    .await
-    .map_err(|e| BusError::Unavailable(e.to_string()))?;
-    if !ask_any_worker {
-        // `auto`: find a worker first (the NATS micro protocol), so a bus without one
-        // falls back at once.
-        let ping = format!("$SRV.PING.{}", crate::bus::micro::SERVICE_NAME);
-        match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
-            .await
-        {
-            Ok(Ok(_)) => {}
-            _ => {
-                return Err(BusError::Unavailable(format!(
-                    "no millracer worker answers on {url}"
-                )));
-            }
-        }
-    }
+    let (client, url) = connect(link, !ask_any_worker).await?;
     let mut frames = if want_frames {
         Some(
             client
@@ -434,6 +456,11 @@ async fn via_bus(
         candidates.push(subjects::request_any());
     }
     for subject in candidates {
+        let _note = WaitNote::start(format!(
+            "the answer to request {} from a worker on {url} (subject {subject}); {}",
+            request.request_id,
+            patience(timeout)
+        ));
         let mut headers = async_nats::HeaderMap::new();
         crate::bus::trace::inject(&tracing::Span::current(), &mut headers);
         let sending = client.send_request(
@@ -549,6 +576,10 @@ fn describe_target(request: &OpsRequest, cli_workspace: &std::path::Path) -> Str
 /// protocol), so a bus without one falls back at once.
 async fn connect(link: &Link, find_worker: bool) -> Result<(async_nats::Client, String), BusError> {
     let url = nats::url(&link.nats.credentials(), None);
+    let note = WaitNote::start(format!(
+        "the broker at {url} (up to {} s; set it with --nats-url or MILLRACER_NATS_URL)",
+        CONNECT_PATIENCE.as_secs()
+    ));
     let client = nats::connect(
         &link.nats.credentials(),
         &url,
@@ -557,7 +588,12 @@ async fn connect(link: &Link, find_worker: bool) -> Result<(async_nats::Client, 
     )
     .await
     .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    drop(note);
     if find_worker {
+        let _note = WaitNote::start(format!(
+            "a millracer worker to answer on {url} (up to {} s, then the request runs in-process)",
+            CONNECT_PATIENCE.as_secs()
+        ));
         let ping = format!("$SRV.PING.{}", crate::bus::micro::SERVICE_NAME);
         match tokio::time::timeout(CONNECT_PATIENCE, client.request(ping, bytes::Bytes::new()))
             .await
@@ -660,9 +696,29 @@ async fn via_durable(
     }
     let mut frames = replay_frames(&js, &request.request_id, workspace, want_frames).await;
     let subject = jobs_subject(request, &link.workspace);
-    if required {
-        note_if_unserved(&js, request, &url).await;
+    let served = worker_pulls(&js, request).await;
+    if required && !served {
+        eprintln!(
+            "millracer: note: no worker on {url} takes requests for {} right now; the request is stored and waits for one (durable)",
+            describe_target(request, std::path::Path::new("."))
+        );
     }
+    let _note = WaitNote::start(format!(
+        "{} to finish request {} for {} on {url}{}; {}",
+        if served {
+            "a worker"
+        } else {
+            "a worker serving it"
+        },
+        request.request_id,
+        describe_target(request, &link.workspace),
+        if served {
+            ""
+        } else {
+            " (none takes its requests right now: start one with millracer worker --workspace ID=PATH; the request is stored and waits for it)"
+        },
+        patience(timeout)
+    ));
     let mut headers = async_nats::HeaderMap::new();
     crate::bus::trace::inject(&tracing::Span::current(), &mut headers);
     let message = async_nats::jetstream::message::PublishMessage::build()
@@ -735,6 +791,10 @@ async fn attach(
         )));
     }
     let mut frames = replay_frames(&js, request_id, workspace, want_frames).await;
+    let _note = WaitNote::start(format!(
+        "the result of request {request_id} on {url}; {}",
+        patience(timeout)
+    ));
     let wait = Wait {
         client: &client,
         kv: &kv,
@@ -924,9 +984,9 @@ async fn next_write(writes: &mut Option<async_nats::Subscriber>) -> Option<async
     }
 }
 
-/// With `--transport nats`, says on stderr when no worker is pulling the workspace's
-/// requests right now: the request is stored and waits for one.
-async fn note_if_unserved(js: &async_nats::jetstream::Context, request: &OpsRequest, url: &str) {
+/// Whether a worker pulls the request's consumer right now (`true` when it cannot be
+/// told: a request by path only, or the consumer cannot be read).
+async fn worker_pulls(js: &async_nats::jetstream::Context, request: &OpsRequest) -> bool {
     let action = Action::parse(&request.action);
     let consumer = if !action.needs_workspace() {
         subjects::JOBS_ANY_CONSUMER.to_string()
@@ -938,20 +998,13 @@ async fn note_if_unserved(js: &async_nats::jetstream::Context, request: &OpsRequ
         };
         subjects::jobs_consumer(id, class)
     } else {
-        return;
+        return true;
     };
-    let Ok(mut stream) = js.get_stream(subjects::JOBS_STREAM).await else {
-        return;
+    let Ok(stream) = js.get_stream(subjects::JOBS_STREAM).await else {
+        return true;
     };
-    let waiting = match stream.consumer_info(&consumer).await {
+    match stream.consumer_info(&consumer).await {
         Ok(info) => info.num_waiting > 0,
         Err(_) => false,
-    };
-    let _ = &mut stream;
-    if !waiting {
-        eprintln!(
-            "millracer: note: no worker on {url} takes requests for {} right now; the request is stored and waits for one (durable)",
-            describe_target(request, std::path::Path::new("."))
-        );
     }
 }

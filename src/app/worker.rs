@@ -1,5 +1,14 @@
 //! `millracer worker`: serves its configured workspaces on the bus until SIGTERM/SIGINT,
 //! then stops taking requests, answers the ones it has, and exits 0.
+//!
+//! What it says at the default log level, one line per change: `cannot reach nats://…:
+//! <cause>; retrying every 2 s` while no broker answers (again when the cause changes,
+//! else once a minute); `connected to nats-server <version> at <url>`; `worker ready:
+//! serving …` once, with what it serves. A broker it cannot use (no JetStream, older than
+//! nats-server 2.10, JetStream API refusals) is an ERROR naming the server's version and
+//! what millracer needs, and the worker exits with [`EXIT_INCOMPATIBLE_BROKER`] before it
+//! created anything there, unless `--core-only` (core request/reply only). `--ready-file`
+//! is written once ready and removed on stop, for service managers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,14 +22,24 @@ use crate::actions::binding::Bound;
 use crate::actions::dispatch::{Service, Serving};
 use crate::app::cli::WorkerArgs;
 use crate::app::config::{ConfigFile, build_registry};
+use crate::bus::broker::{self, Incompatible};
 use crate::bus::durable::{self, Durable};
 use crate::bus::micro::{self, EndpointInfo, Micro};
-use crate::bus::nats::{self, NatsReply, Patience};
+use crate::bus::nats::{self, NatsReply};
 use crate::bus::subjects;
 use crate::bus::trace;
 use crate::engine::frames::ReplyTo;
 use crate::engine::service::{Engine, EngineOptions, SubmitHints};
 use crate::millrace::sessions::SessionStore;
+
+/// The exit code of a worker whose broker cannot serve durable intake (no JetStream, a
+/// nats-server older than 2.10, JetStream API refusals) and that was not told
+/// `--core-only`. Configuration errors exit 1.
+pub const EXIT_INCOMPATIBLE_BROKER: u8 = 3;
+
+/// How long a JetStream that answers with errors (still starting, a broker restarting) is
+/// waited for before the worker gives up on it.
+const JETSTREAM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
@@ -50,6 +69,15 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             Some(&record.id),
         ));
         tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
+        if !crate::millrace::records::agents_dir(&record.root).is_dir() {
+            // Served anyway (it may be initialised later), but its requests fail until then.
+            tracing::warn!(
+                workspace = %record.id,
+                "{} is not a Millrace workspace yet (no millrace-agents/): run `millrace init --workspace {}` (its requests fail until then)",
+                record.root.display(),
+                record.root.display()
+            );
+        }
     }
     let ack_wait =
         crate::app::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
@@ -60,6 +88,9 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         ack_wait,
     );
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
+    let served: Vec<String> = registry.records().map(|r| r.id.clone()).collect();
+    // A ready file left by a worker that crashed must not say "ready" for this one.
+    let mut ready_file = ReadyFile::new(args.ready_file.clone())?;
     let micro = Arc::new(Micro::new(
         endpoints,
         HashMap::from([(
@@ -103,15 +134,40 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         result_capacity: args.result_capacity,
     };
 
-    let client = nats::connect(
-        &args.nats.credentials(),
-        &url,
-        "millracer-worker",
-        Patience::Retry,
-    )
-    .await?;
+    tracing::info!(%url, "connecting to the broker");
+    let client =
+        nats::connect_patiently(&args.nats.credentials(), &url, "millracer-worker").await?;
+    let info = client.server_info();
+    tracing::info!(
+        version = %info.version,
+        jetstream = info.jetstream,
+        "connected to nats-server {} at {url}",
+        info.version
+    );
+    // Checked before anything is created on the broker.
+    broker::check_server(&info, &url, args.core_only).map_err(refuse)?;
+    let durable = if args.core_only {
+        tracing::info!("--core-only: no durable intake, no results bucket");
+        None
+    } else {
+        let js = async_nats::jetstream::new(client.clone());
+        broker::check_account(&js, &info, &url, JETSTREAM_PATIENCE)
+            .await
+            .map_err(refuse)?;
+        Some(
+            setup_durable(js, &client, &micro.id, retention, ack_wait)
+                .await
+                .map_err(|message| {
+                    refuse(Incompatible::JetStreamApi {
+                        version: info.version.clone(),
+                        url: url.clone(),
+                        what: "durable intake".to_string(),
+                        message,
+                    })
+                })?,
+        )
+    };
     let (engine, outbound) = Engine::new(Arc::new(service), options);
-    let durable = setup_durable(&client, &micro.id, retention, ack_wait).await;
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
         outbound,
@@ -178,9 +234,34 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         .iter()
         .map(|e| e.subject.as_str())
         .collect();
-    tracing::info!(url = %url, ?subjects, queue_group = subjects::QUEUE_GROUP, service = micro::SERVICE_NAME, id = %micro.id, "worker ready");
+    let serves = if durable.is_some() {
+        "durable intake (JetStream) and core request/reply"
+    } else {
+        "core request/reply only"
+    };
+    tracing::info!(
+        url = %url,
+        server_version = %info.version,
+        ?subjects,
+        queue_group = subjects::QUEUE_GROUP,
+        service = micro::SERVICE_NAME,
+        id = %micro.id,
+        "worker ready: serving workspaces [{}] on {url} (nats-server {}): {serves}",
+        served.join(", "),
+        info.version,
+    );
+    ready_file.write(&serde_json::json!({
+        "pid": std::process::id(),
+        "url": url,
+        "server_version": info.version,
+        "workspaces": served,
+        "durable": durable.is_some(),
+        "service_id": micro.id,
+    }))?;
 
     wait_for_signal().await?;
+    // Not ready any more: a service manager sees it before the drain ends.
+    ready_file.remove();
     tracing::info!(
         in_flight = engine.in_flight(),
         "stopping: no new requests; finishing those in flight"
@@ -216,21 +297,23 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The JetStream side (streams, consumers' bucket), or `None` when the broker has no
-/// JetStream: core request/reply keeps working either way. A worker started before its
-/// broker keeps trying for a while.
+/// The JetStream side (streams, the results bucket), on a broker already known to run
+/// JetStream for this account. A JetStream that answers with errors is tried again every
+/// second for [`JETSTREAM_PATIENCE`] (said once at warning level), then given up on: the
+/// error is returned for the caller to refuse the broker with.
 async fn setup_durable(
+    js: async_nats::jetstream::Context,
     client: &async_nats::Client,
     owner: &str,
     retention: std::time::Duration,
     ack_wait: std::time::Duration,
-) -> Option<Arc<Durable>> {
-    let js = async_nats::jetstream::new(client.clone());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+) -> Result<Arc<Durable>, String> {
+    let deadline = std::time::Instant::now() + JETSTREAM_PATIENCE;
+    let mut warned = false;
     loop {
         match durable::ensure(&js, retention).await {
             Ok(kv) => {
-                return Some(Durable::new(
+                return Ok(Durable::new(
                     js,
                     client.clone(),
                     kv,
@@ -238,20 +321,86 @@ async fn setup_durable(
                     ack_wait,
                 ));
             }
-            Err(err)
-                if std::time::Instant::now() >= deadline
-                    || (jetstream_absent(&err.to_string())
-                        && client.connection_state()
-                            == async_nats::connection::State::Connected) =>
-            {
-                tracing::warn!(%err, "no durable intake: serving core request/reply only");
-                return None;
-            }
+            Err(err) if std::time::Instant::now() >= deadline => return Err(err.to_string()),
             Err(err) => {
-                tracing::debug!(%err, "JetStream not ready; retrying");
+                if !warned {
+                    tracing::warn!(
+                        %err,
+                        "JetStream not ready; retrying every 1 s for up to {} s",
+                        JETSTREAM_PATIENCE.as_secs()
+                    );
+                    warned = true;
+                }
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// Says why the broker cannot serve (one ERROR line) and makes it the worker's error.
+fn refuse(why: Incompatible) -> anyhow::Error {
+    tracing::error!("{why}");
+    anyhow::Error::new(why)
+}
+
+/// `--ready-file`: written (atomically) once the worker serves, removed when it stops or
+/// fails. A stale one is removed at start.
+struct ReadyFile {
+    path: Option<std::path::PathBuf>,
+    written: bool,
+}
+
+impl ReadyFile {
+    fn new(path: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
+        if let Some(path) = &path {
+            match std::fs::remove_file(path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed a stale ready file"),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => anyhow::bail!(
+                    "cannot remove the stale ready file {}: {err}; check the path given to --ready-file",
+                    path.display()
+                ),
+            }
+        }
+        Ok(Self {
+            path,
+            written: false,
+        })
+    }
+
+    fn write(&mut self, content: &serde_json::Value) -> anyhow::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut partial = path.clone().into_os_string();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
+        std::fs::write(&partial, format!("{content}\n"))
+            .and_then(|()| std::fs::rename(&partial, path))
+            .with_context(|| {
+                format!(
+                    "cannot write the ready file {}; check that its directory exists and is writable",
+                    path.display()
+                )
+            })?;
+        self.written = true;
+        tracing::info!(path = %path.display(), "ready file written");
+        Ok(())
+    }
+
+    fn remove(&mut self) {
+        if let (Some(path), true) = (&self.path, self.written) {
+            if let Err(err) = std::fs::remove_file(path) {
+                tracing::warn!(%err, path = %path.display(), "cannot remove the ready file");
+            }
+            self.written = false;
+        }
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
@@ -291,13 +440,4 @@ fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize, bo
         ..SubmitHints::default()
     };
     engine.submit_with(&message.payload, Some(ReplyTo::new(reply)), &span, hints);
-}
-
-/// A broker without JetStream answers its API with "no responders" (or says it is not
-/// enabled) at once: no point in waiting for it, core request/reply serves on.
-fn jetstream_absent(error: &str) -> bool {
-    let error = error.to_ascii_lowercase();
-    error.contains("jetstream unavailable")
-        || error.contains("no responders")
-        || error.contains("not enabled")
 }

@@ -153,8 +153,76 @@ pub async fn connect(
         .await
         .map_err(|e| ConnectError::Connect {
             url: url.to_string(),
-            message: e.to_string(),
+            message: plain_cause(&e.to_string()),
         })
+}
+
+/// How often a worker tries again to reach a broker that does not answer.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// How long one attempt to reach the broker may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A failed attempt is said again at most this often while its cause stays the same.
+const SAY_AGAIN_EVERY: Duration = Duration::from_secs(60);
+
+/// Connects, trying again every [`RETRY_EVERY`] for as long as it takes (a worker started
+/// before its broker). Says so at warning level: at once with the cause and the cadence
+/// (`cannot reach nats://…: connection refused; retrying every 2 s`), again when the cause
+/// changes, otherwise once a minute. Errors in the settings (credentials, inbox prefix)
+/// are returned at once: no retry would fix them.
+pub async fn connect_patiently(
+    options: &Credentials,
+    url: &str,
+    name: &str,
+) -> Result<Client, ConnectError> {
+    let mut said: Option<(String, std::time::Instant)> = None;
+    let mut failures = 0u64;
+    loop {
+        match connect(options, url, name, Patience::Once(ATTEMPT_TIMEOUT)).await {
+            Ok(client) => {
+                if failures > 0 {
+                    tracing::info!(%url, failures, "reached the broker");
+                }
+                return Ok(client);
+            }
+            Err(ConnectError::Connect { message, .. }) => {
+                failures += 1;
+                let cause = message;
+                let say = match &said {
+                    Some((last, at)) => *last != cause || at.elapsed() >= SAY_AGAIN_EVERY,
+                    None => true,
+                };
+                if say {
+                    tracing::warn!(
+                        failures,
+                        "cannot reach {url}: {cause}; retrying every {} s",
+                        RETRY_EVERY.as_secs()
+                    );
+                    said = Some((cause, std::time::Instant::now()));
+                }
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// `IO error: Connection refused (os error 111)` → `connection refused`.
+fn plain_cause(message: &str) -> String {
+    let mut text = message.trim();
+    for prefix in ["IO error: ", "io error: ", "I/O error: "] {
+        text = text.strip_prefix(prefix).unwrap_or(text);
+    }
+    let text = match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => &text[..at],
+        _ => text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "no answer".to_string(),
+    }
 }
 
 /// A literal subject prefix: no wildcards, no empty tokens, nothing a permission could
@@ -319,3 +387,18 @@ fn warn_limited(kind: &'static str, message: &'static str) {
 }
 
 const WARN_EVERY: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::plain_cause;
+
+    #[test]
+    fn connect_causes_read_plainly() {
+        assert_eq!(
+            plain_cause("IO error: Connection refused (os error 111)"),
+            "connection refused"
+        );
+        assert_eq!(plain_cause("timed out"), "timed out");
+        assert_eq!(plain_cause(""), "no answer");
+    }
+}

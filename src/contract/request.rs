@@ -26,6 +26,33 @@ pub enum RequestError {
     MissingObject(&'static str),
 }
 
+impl RequestError {
+    /// What to do about it, naming the field at fault: the reference's message stays
+    /// word for word, this goes into the error's `suggested_action` on the bus.
+    pub fn suggestion(&self) -> String {
+        match self {
+            Self::InvalidJson(_) | Self::InvalidUtf8(_) => {
+                "Send one UTF-8 JSON object: a millracer.ops.v0.2 OpsRequest (see contracts/ops-request.schema.json).".to_string()
+            }
+            Self::NotAnObject => {
+                "Send a JSON object, not an array or a scalar (see contracts/ops-request.schema.json).".to_string()
+            }
+            Self::UnsupportedSchema(found) if found == "None" => format!(
+                "The field schema_version is missing: set \"schema_version\": \"{SCHEMA_VERSION}\"."
+            ),
+            Self::UnsupportedSchema(_) => format!(
+                "The field schema_version names a version this worker does not speak: set \"schema_version\": \"{SCHEMA_VERSION}\"."
+            ),
+            Self::MissingString(field) => {
+                format!("The field {field} is missing or empty: give it a non-empty string.")
+            }
+            Self::MissingObject(field) => {
+                format!("The field {field} is missing or not an object: give it a JSON object.")
+            }
+        }
+    }
+}
+
 /// Where the request says its workspace is. Every field is optional; resolution decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkspaceRef {
@@ -329,6 +356,11 @@ mod tests {
         let mut v = base();
         v.as_object_mut().expect("obj").remove("schema_version");
         assert_eq!(err_of(v), "unsupported ops schema: None");
+        assert!(
+            RequestError::UnsupportedSchema("None".to_string())
+                .suggestion()
+                .contains("schema_version is missing")
+        );
         let mut v = base();
         v["schema_version"] = json!("millracer.ops.v0.3");
         v["request_id"] = json!("");

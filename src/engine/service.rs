@@ -140,9 +140,8 @@ impl Engine {
             Ok(request) => request,
             Err(err) => {
                 let (request_id, action) = salvage_ids(raw);
-                let error = Record::error(ErrorCode::InvalidRequest, err.to_string()).suggest(
-                    "Send a millracer.ops.v0.2 OpsRequest (see contracts/ops-request.schema.json).",
-                );
+                let error = Record::error(ErrorCode::InvalidRequest, err.to_string())
+                    .suggest(err.suggestion());
                 self.reject(&request_id, &action, error, reply);
                 return;
             }
