@@ -1,5 +1,10 @@
 //! `millracer worker`: serves its configured workspaces on the bus until SIGTERM/SIGINT,
-//! then stops taking requests, answers the ones it has, and exits 0.
+//! then stops taking requests, answers the ones it has within `--shutdown-timeout`, and
+//! exits (0 when everything was handed back).
+//!
+//! Exit codes: 0 stopped cleanly, 1 an error (durable intake could not start, or the stop
+//! bound left requests unanswered), 2 the workspace identity collides with a live owner on
+//! the bus (same id at another host/path, same path under another id).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,15 +21,50 @@ use crate::app::config::{ConfigFile, build_registry};
 use crate::bus::durable::{self, Durable};
 use crate::bus::micro::{self, EndpointInfo, Micro};
 use crate::bus::nats::{self, NatsReply, Patience};
+use crate::bus::registry::{self, RegisterError, Registration};
 use crate::bus::subjects;
 use crate::bus::trace;
+use crate::contract::registry::{Directory, RegistryEntry};
 use crate::engine::frames::ReplyTo;
 use crate::engine::service::{Engine, EngineOptions, SubmitHints};
 use crate::millrace::sessions::SessionStore;
 
+/// A worker that must not run as configured: the message for stderr and the exit code
+/// (2: its workspace identity collides with a live owner on the bus).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Refusal {
+    fn collision(message: impl std::fmt::Display) -> anyhow::Error {
+        Self {
+            code: EXIT_COLLISION,
+            message: message.to_string(),
+        }
+        .into()
+    }
+}
+
+/// The exit code of a worker refused for a workspace identity collision.
+pub const EXIT_COLLISION: u8 = 2;
+
 pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
-    let registry = build_registry(&args.workspaces, file.as_ref(), &args.common.millrace_mode)?;
+    let host = crate::app::cli::host_id(
+        args.host_id
+            .as_deref()
+            .or(file.as_ref().and_then(|f| f.worker.host_id.as_deref())),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let registry = build_registry(
+        &args.workspaces,
+        file.as_ref(),
+        &args.common.millrace_mode,
+        &host,
+    )?;
     if args.nats.nats_creds.is_none() {
         args.nats.nats_creds = file.as_ref().and_then(|f| f.nats.creds.clone());
     }
@@ -35,6 +75,12 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         &args.nats.credentials(),
         file.as_ref().and_then(|f| f.nats.url.as_deref()),
     );
+    // A workspace's identity on the bus: its host id and canonical path.
+    let fingerprints: HashMap<String, String> = registry
+        .records()
+        .map(|r| (r.id.clone(), subjects::fingerprint(&host, &r.root)))
+        .collect();
+    let fingerprint = |id: &str| fingerprints.get(id).cloned().unwrap_or_default();
 
     // One endpoint per subject: any worker, each workspace by id and by path.
     let mut endpoints = vec![endpoint("any", subjects::request_any(), None)];
@@ -46,31 +92,75 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         ));
         endpoints.push(endpoint(
             &format!("path-{}", record.id),
-            subjects::request_by_path(&record.root),
+            subjects::request_by_path(&fingerprint(&record.id)),
             Some(&record.id),
         ));
-        tracing::info!(workspace = %record.id, root = %record.root.display(), "serving workspace");
+        tracing::info!(workspace = %record.id, root = %record.root.display(), host = %host, fingerprint = %fingerprint(&record.id), "serving workspace");
     }
     let ack_wait =
         crate::app::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
-    let bindings = durable::bindings(
-        registry
-            .records()
-            .map(|r| (r.id.as_str(), r.root.as_path())),
-        ack_wait,
-    );
+    let mut bindings = if args.core_only {
+        Vec::new()
+    } else {
+        durable::bindings(
+            registry
+                .records()
+                .map(|r| (r.id.as_str(), fingerprints[&r.id].as_str())),
+            ack_wait,
+        )
+    };
+    // Each durable consumer is an endpoint too, so `$SRV.STATS` counts durable requests.
+    for binding in &mut bindings {
+        let mut info = endpoint(
+            &format!("jobs-{}", binding.name),
+            binding.filters.first().cloned().unwrap_or_default(),
+            binding.workspace.as_deref(),
+        );
+        info.queue_group = binding.name.clone();
+        info.durable = true;
+        info.metadata
+            .insert("consumer".to_string(), binding.name.clone());
+        binding.endpoint = Some(endpoints.len());
+        endpoints.push(info);
+    }
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
     let micro = Arc::new(Micro::new(
         endpoints,
-        HashMap::from([(
-            "workspaces".to_string(),
-            registry
-                .records()
-                .map(|r| r.id.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        )]),
+        HashMap::from([
+            (
+                "workspaces".to_string(),
+                registry
+                    .records()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("host".to_string(), host.clone()),
+            (
+                "intake".to_string(),
+                if args.core_only {
+                    "core"
+                } else {
+                    "core,durable"
+                }
+                .to_string(),
+            ),
+        ]),
     ));
+    let registry_entries: Vec<RegistryEntry> = registry
+        .records()
+        .map(|r| RegistryEntry {
+            workspace_id: r.id.clone(),
+            display_name: r.display_name.clone(),
+            fingerprint: fingerprint(&r.id),
+            host: host.clone(),
+            root_path: r.root.display().to_string(),
+            worker_id: micro.id.clone(),
+            worker_name: format!("{host}/{}", std::process::id()),
+            version: micro.version.clone(),
+            at: String::new(),
+        })
+        .collect();
     let pi = if args.pi_runner || file.as_ref().is_some_and(|f| f.pi.enabled) {
         let default_root = registry.default_record().map(|r| r.root.clone());
         let base = args
@@ -85,6 +175,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let directory = (!args.core_only).then(|| Arc::new(Directory::default()));
     let service = Service {
         pi,
         cli_workspace: registry.default_record().map(|r| r.root.clone()),
@@ -96,6 +187,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         status_cache: Some(crate::millrace::status::StatusCache::new(
             crate::app::cli::secs(args.status_max_age_seconds),
         )),
+        directory: directory.clone(),
     };
     let options = EngineOptions {
         max_request_bytes: args.max_request_bytes,
@@ -111,7 +203,65 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     )
     .await?;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
-    let durable = setup_durable(&client, &micro.id, retention, ack_wait).await;
+
+    // The durable side, the registry and the consumers: all or nothing, unless the
+    // operator asked for core request/reply only.
+    let registry_stop = CancellationToken::new();
+    let mut registration = None;
+    let mut consumers = Vec::new();
+    let durable = if args.core_only {
+        tracing::warn!(
+            "--core-only: no durable intake, no results bucket, not in the bus's registry"
+        );
+        None
+    } else {
+        let (durable, store) = setup_durable(&client, &micro.id, retention, ack_wait)
+            .await
+            .with_context(|| {
+                format!(
+                    "durable intake cannot start on {url} (for a broker without JetStream, pass --core-only)"
+                )
+            })?;
+        let claim = Arc::new(Registration::new(
+            async_nats::jetstream::new(client.clone()),
+            store.clone(),
+            registry_entries,
+            micro.id.clone(),
+        ));
+        match claim.claim().await {
+            Ok(()) => {}
+            Err(RegisterError::Collision(collision)) => {
+                return Err(Refusal::collision(collision));
+            }
+            Err(err) => {
+                return Err(anyhow::Error::new(err).context(
+                    "durable intake cannot start (for a broker without JetStream, pass --core-only)",
+                ));
+            }
+        }
+        match durable.bind(std::mem::take(&mut bindings)).await {
+            Ok(bound) => consumers = bound,
+            Err(err) => {
+                claim.delete_all().await;
+                if err.is_collision() {
+                    return Err(Refusal::collision(err));
+                }
+                return Err(anyhow::Error::new(err).context(
+                    "durable intake cannot start (for a broker without JetStream, pass --core-only)",
+                ));
+            }
+        }
+        tokio::spawn(claim.clone().keep(registry_stop.clone()));
+        if let Some(directory) = &directory {
+            tokio::spawn(registry::follow(
+                store,
+                directory.clone(),
+                registry_stop.clone(),
+            ));
+        }
+        registration = Some(claim);
+        Some(durable)
+    };
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
         outbound,
@@ -121,23 +271,18 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let durable_task = durable.clone().map(|durable| {
-        let serving = durable.serve(
+        tokio::spawn(durable.serve(
             engine.clone(),
-            bindings,
+            consumers,
             args.max_request_bytes,
             stop.clone(),
-        );
-        tokio::spawn(async move {
-            let outcome = serving.await;
-            if let Err(err) = &outcome {
-                // Said at once: core request/reply keeps serving meanwhile.
-                tracing::error!(%err, "durable intake stopped; serving core request/reply only");
-            }
-            outcome
-        })
+        ))
     });
     let receivers = TaskTracker::new();
     for (index, info) in micro.endpoints().iter().enumerate() {
+        if info.durable {
+            continue;
+        }
         let mut subscriber = client
             .queue_subscribe(info.subject.clone(), info.queue_group.clone())
             .await
@@ -176,66 +321,120 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     let subjects: Vec<&str> = micro
         .endpoints()
         .iter()
+        .filter(|e| !e.durable)
         .map(|e| e.subject.as_str())
         .collect();
-    tracing::info!(url = %url, ?subjects, queue_group = subjects::QUEUE_GROUP, service = micro::SERVICE_NAME, id = %micro.id, "worker ready");
+    tracing::info!(url = %url, ?subjects, queue_group = subjects::QUEUE_GROUP, service = micro::SERVICE_NAME, id = %micro.id, host = %host, durable = durable.is_some(), "worker ready");
 
     wait_for_signal().await?;
+    let bound = crate::app::cli::secs(args.shutdown_timeout_seconds);
+    let started = std::time::Instant::now();
     tracing::info!(
         in_flight = engine.in_flight(),
+        shutdown_timeout = ?bound,
         "stopping: no new requests; finishing those in flight"
     );
-    stop.cancel();
-    receivers.close();
-    receivers.wait().await;
-    if let Some(task) = durable_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {}
-            Err(err) => tracing::error!(%err, "durable intake task failed"),
+    // A stopping worker no longer serves: its registry entries go first (bounded), so the
+    // bridge answers "no worker" at once instead of sending it more.
+    registry_stop.cancel();
+    if let Some(registration) = &registration {
+        let patience = bound.min(std::time::Duration::from_secs(2));
+        if tokio::time::timeout(patience, registration.delete_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "cannot delete this worker's registry entries (they expire within 30 s)"
+            );
         }
     }
-    micro_stop.cancel();
-    let _ = micro_task.await;
-    engine.shutdown().await;
-    drop(engine);
-    publisher.await.context("publisher task failed")?;
-    if let Some(durable) = &durable {
-        // Results stored and acked before the connection goes.
-        durable.tracker.close();
-        durable.tracker.wait().await;
+    let weak_engine = Arc::downgrade(&engine);
+    let tracker = durable.as_ref().map(|d| d.tracker.clone());
+    let drained = async move {
+        stop.cancel();
+        receivers.close();
+        receivers.wait().await;
+        if let Some(task) = durable_task
+            && let Err(err) = task.await
+        {
+            tracing::error!(%err, "durable intake task failed");
+        }
+        micro_stop.cancel();
+        let _ = micro_task.await;
+        engine.shutdown().await;
+        drop(engine);
+        publisher.await.context("publisher task failed")?;
+        if let Some(durable) = &durable {
+            // Results stored and acked before the connection goes.
+            durable.tracker.close();
+            durable.tracker.wait().await;
+        }
+        // `drain` returns once queued: flush first so the last acks and frames leave.
+        if let Err(err) = client.flush().await {
+            tracing::warn!(%err, "cannot flush the NATS connection");
+        }
+        if let Err(err) = client.drain().await {
+            tracing::warn!(%err, "cannot drain the NATS connection");
+        }
+        anyhow::Ok(())
+    };
+    let remaining = bound.saturating_sub(started.elapsed());
+    match tokio::time::timeout(remaining, drained).await {
+        Ok(outcome) => {
+            outcome?;
+            tracing::info!("worker stopped");
+            Ok(())
+        }
+        Err(_) => {
+            let running = weak_engine
+                .upgrade()
+                .map(|e| e.in_flight_ids())
+                .unwrap_or_default();
+            let unstored = tracker.map_or(0, |t| t.len());
+            if running.is_empty() && unstored == 0 {
+                tracing::warn!(
+                    shutdown_timeout = ?bound,
+                    "stop bound reached with every request handed back; the connection could not be flushed (is the broker gone?)"
+                );
+                return Ok(());
+            }
+            tracing::error!(
+                shutdown_timeout = ?bound,
+                in_flight = running.len(),
+                requests = ?running,
+                unstored_results_or_acks = unstored,
+                "stop bound reached: these requests were not handed back; durable ones are redelivered to another worker after the ack wait, core callers get no reply"
+            );
+            Err(anyhow::anyhow!(
+                "stopped after {bound:?} with {} request(s) in flight and {unstored} result(s) or ack(s) not stored",
+                running.len()
+            ))
+        }
     }
-    // `drain` returns once queued: flush first so the last acks and frames leave.
-    if let Err(err) = client.flush().await {
-        tracing::warn!(%err, "cannot flush the NATS connection");
-    }
-    if let Err(err) = client.drain().await {
-        tracing::warn!(%err, "cannot drain the NATS connection");
-    }
-    tracing::info!("worker stopped");
-    Ok(())
 }
 
-/// The JetStream side (streams, consumers' bucket), or `None` when the broker has no
-/// JetStream: core request/reply keeps working either way. A worker started before its
-/// broker keeps trying for a while.
+/// The JetStream side: streams, the results bucket and the registry bucket. A worker
+/// started before its broker keeps trying for a while; a broker without JetStream is an
+/// error at once (the caller says `--core-only` is the way to run there).
 async fn setup_durable(
     client: &async_nats::Client,
     owner: &str,
     retention: std::time::Duration,
     ack_wait: std::time::Duration,
-) -> Option<Arc<Durable>> {
+) -> Result<(Arc<Durable>, async_nats::jetstream::kv::Store), durable::DurableError> {
     let js = async_nats::jetstream::new(client.clone());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match durable::ensure(&js, retention).await {
-            Ok(kv) => {
-                return Some(Durable::new(
-                    js,
-                    client.clone(),
-                    kv,
-                    owner.to_string(),
-                    ack_wait,
+        let attempt = async {
+            let kv = durable::ensure(&js, retention).await?;
+            let store = registry::ensure(&js).await?;
+            Ok::<_, durable::DurableError>((kv, store))
+        };
+        match attempt.await {
+            Ok((kv, store)) => {
+                return Ok((
+                    Durable::new(js, client.clone(), kv, owner.to_string(), ack_wait),
+                    store,
                 ));
             }
             Err(err)
@@ -244,8 +443,7 @@ async fn setup_durable(
                         && client.connection_state()
                             == async_nats::connection::State::Connected) =>
             {
-                tracing::warn!(%err, "no durable intake: serving core request/reply only");
-                return None;
+                return Err(err);
             }
             Err(err) => {
                 tracing::debug!(%err, "JetStream not ready; retrying");
@@ -274,6 +472,7 @@ fn endpoint(name: &str, subject: String, workspace: Option<&str>) -> EndpointInf
         metadata: workspace
             .map(|w| HashMap::from([("workspace".to_string(), w.to_string())]))
             .unwrap_or_default(),
+        durable: false,
     }
 }
 
@@ -285,6 +484,7 @@ fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize, bo
         subject: message.reply.map(|r| r.to_string()),
         endpoint,
         received: std::time::Instant::now(),
+        scope: bound.workspace().map(str::to_string),
     };
     let hints = SubmitHints {
         bound: Some(bound.clone()),

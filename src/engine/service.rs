@@ -244,6 +244,11 @@ impl Engine {
         self.lock_ledger().running()
     }
 
+    /// The request_ids running or waiting (what a stop that ran out of time leaves).
+    pub fn in_flight_ids(&self) -> Vec<String> {
+        self.lock_ledger().running_ids()
+    }
+
     fn lock_ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
