@@ -120,6 +120,8 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         info.durable = true;
         info.metadata
             .insert("consumer".to_string(), binding.name.clone());
+        info.metadata
+            .insert("durable".to_string(), "true".to_string());
         binding.endpoint = Some(endpoints.len());
         endpoints.push(info);
     }
