@@ -404,11 +404,11 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
                 shutdown_timeout = ?bound,
                 in_flight = running.len(),
                 requests = ?running,
-                unstored_results_or_acks = unstored,
+                durable_tasks_left = unstored,
                 "stop bound reached: these requests were not handed back; durable ones are redelivered to another worker after the ack wait, core callers get no reply"
             );
             Err(anyhow::anyhow!(
-                "stopped after {bound:?} with {} request(s) in flight and {unstored} result(s) or ack(s) not stored",
+                "stopped after {bound:?} with {} request(s) in flight and {unstored} result write(s) or ack(s) not done",
                 running.len()
             ))
         }
