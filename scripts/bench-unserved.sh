@@ -4,6 +4,8 @@
 # request did before the registry: wait, here bounded by --timeout 2).
 #
 #   scripts/bench-unserved.sh [ROUNDS]     (default 30 rounds; sides alternate every round)
+#   PROFILE=debug scripts/bench-unserved.sh   use the debug build (quicker to build; an upper
+#                                             bound for the release figures)
 #
 # A private nats-server (JetStream) on a free loopback port and one worker serving `shop`;
 # every request is `millracer ops --json --transport nats` (a new process each time, as an
@@ -17,8 +19,13 @@ cd "$ROOT"
 say() { echo "bench-unserved.sh: $*" >&2; }
 
 scripts/setup.sh >/dev/null
-cargo build --release --quiet --bin millracer
-BIN="$ROOT/target/release/millracer"
+PROFILE="${PROFILE:-release}"
+if [[ "$PROFILE" == release ]]; then
+    cargo build --release --quiet --bin millracer
+else
+    cargo build --quiet --bin millracer
+fi
+BIN="$ROOT/target/$PROFILE/millracer"
 NATS="$ROOT/.venv/bin/nats-server"
 export PATH="$ROOT/.venv/bin:$PATH"
 

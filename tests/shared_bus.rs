@@ -428,3 +428,39 @@ fn sigterm_with_the_broker_gone_ends_the_worker_within_the_bound() {
         "says what it left: {log}"
     );
 }
+
+#[test]
+fn a_leftover_consumer_for_the_same_id_at_another_path_is_refused_with_exit_2() {
+    let nats = NatsServer::start();
+    let (a, b) = (Workspace::init(), Workspace::init());
+    let mut first = Worker::spawn(&nats.url, &[("shop", a.path())], &["--host-id", HOST]);
+    rt().block_on(async { first.wait_ready(&nats.client().await).await });
+    first.kill_all();
+    // Its registry entries gone (as 30 s after a crash): only its consumers are left.
+    rt().block_on(async {
+        use futures::TryStreamExt;
+        let kv = jetstream::new(nats.client().await)
+            .get_key_value(subjects::REGISTRY_BUCKET)
+            .await
+            .expect("registry bucket");
+        let keys: Vec<String> = kv
+            .keys()
+            .await
+            .expect("keys")
+            .try_collect()
+            .await
+            .expect("keys");
+        assert!(!keys.is_empty(), "the first worker registered");
+        for key in keys {
+            kv.purge(key).await.expect("purge");
+        }
+    });
+    let mut second = Worker::spawn(&nats.url, &[("shop", b.path())], &["--host-id", HOST]);
+    let status = second
+        .wait_exit(Duration::from_secs(30))
+        .expect("the colliding worker exits");
+    assert_eq!(status.code(), Some(2), "log: {}", second.log());
+    let log = second.log();
+    assert!(log.contains("overlaps another worker's consumer"), "{log}");
+    assert!(log.contains("nats consumer rm MILLRACER_JOBS"), "{log}");
+}
