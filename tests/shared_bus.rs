@@ -464,3 +464,79 @@ fn a_leftover_consumer_for_the_same_id_at_another_path_is_refused_with_exit_2() 
     assert!(log.contains("overlaps another worker's consumer"), "{log}");
     assert!(log.contains("nats consumer rm MILLRACER_JOBS"), "{log}");
 }
+
+/// A nats-server without JetStream (core NATS only), killed on drop.
+struct CoreOnlyServer {
+    url: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl CoreOnlyServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(common::nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = loop {
+            if let Ok(text) = std::fs::read_to_string(&ports)
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && let Some(url) = v["nats"].get(0).and_then(Value::as_str)
+            {
+                break url.to_string();
+            }
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            url,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for CoreOnlyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn without_jetstream_the_worker_refuses_unless_core_only_is_asked_for() {
+    let nats = CoreOnlyServer::start();
+    let a = Workspace::init();
+    let mut refused = Worker::spawn(&nats.url, &[("shop", a.path())], &[]);
+    let status = refused
+        .wait_exit(Duration::from_secs(45))
+        .expect("a worker without durable intake does not keep running");
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains("durable intake cannot start") && log.contains("--core-only"),
+        "{log}"
+    );
+    // Asked for explicitly: core request/reply serves.
+    let core = Worker::spawn(&nats.url, &[("shop", a.path())], &["--core-only"]);
+    rt().block_on(async {
+        let client = async_nats::connect(&nats.url).await.expect("connect");
+        core.wait_ready(&client).await;
+        let reply = client
+            .request(
+                subjects::request_by_id("shop"),
+                status_for("shop", "core-only-status").into(),
+            )
+            .await
+            .expect("core reply");
+        assert_eq!(parse(&reply.payload)["status"], "succeeded");
+    });
+    assert!(core.log().contains("--core-only"), "{}", core.log());
+}
