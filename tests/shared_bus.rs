@@ -2,7 +2,8 @@
 //! ids, a collision is refused with exit 2), the registry of served workspaces (no worker →
 //! exit 3 at once, `--wait-for-worker` waits), the bus's view (`list_workspaces` on
 //! `req.any`, `$SRV.STATS` counting durable requests, core results kept by request_id)
-//! and a bounded stop with the broker gone. Real nats-server, real millrace.
+//! a bounded stop with the broker gone, and no silently degraded worker without JetStream
+//! (`--core-only` is explicit). Real nats-server, real millrace.
 
 mod common;
 
@@ -462,6 +463,10 @@ fn a_leftover_consumer_for_the_same_id_at_another_path_is_refused_with_exit_2() 
     assert_eq!(status.code(), Some(2), "log: {}", second.log());
     let log = second.log();
     assert!(log.contains("overlaps another worker's consumer"), "{log}");
+    assert!(
+        log.contains(&format!("{HOST}:{}", resolve_path(b.path()).display())),
+        "names this worker's host and path: {log}"
+    );
     assert!(log.contains("nats consumer rm MILLRACER_JOBS"), "{log}");
 }
 

@@ -149,6 +149,12 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             ),
         ]),
     ));
+    // Named in a collision found on the consumers (the other side is not in the registry).
+    let served_here = registry
+        .records()
+        .map(|r| format!("{:?} at {host}:{}", r.id, r.root.display()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let registry_entries: Vec<RegistryEntry> = registry
         .records()
         .map(|r| RegistryEntry {
@@ -246,7 +252,9 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             Err(err) => {
                 claim.delete_all().await;
                 if err.is_collision() {
-                    return Err(Refusal::collision(err));
+                    return Err(Refusal::collision(format!(
+                        "workspace collision: {err} (this worker serves {served_here})"
+                    )));
                 }
                 return Err(anyhow::Error::new(err).context(
                     "durable intake cannot start (for a broker without JetStream, pass --core-only)",
