@@ -1,7 +1,7 @@
 //! One bus for many operators: workspace identity (unnamed workspaces get host-scoped
 //! ids, a collision is refused with exit 2), the registry of served workspaces (no worker →
 //! exit 3 at once, `--wait-for-worker` waits), the bus's view (`list_workspaces` on
-//! `req.any`, `$SRV.STATS` counting durable requests, core results kept by request_id)
+//! `req.any`, `$SRV.STATS` counting durable requests, core results kept by request_id),
 //! a bounded stop with the broker gone, and no silently degraded worker without JetStream
 //! (`--core-only` is explicit). Real nats-server, real millrace.
 
