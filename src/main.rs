@@ -31,14 +31,13 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Worker(args) => {
-            let _telemetry = telemetry("info", "millracer-worker");
-            match runtime.block_on(worker::run(args)) {
-                // Already said as an ERROR line naming the server and what is needed.
-                Err(err) if err.downcast_ref::<Incompatible>().is_some() => {
-                    i32::from(worker::EXIT_INCOMPATIBLE_BROKER)
-                }
-                outcome => exit_code(outcome),
-            }
+            let telemetry = telemetry("info", "millracer-worker");
+            let code = worker_exit_code(runtime.block_on(worker::run(args)));
+            drop(telemetry);
+            // The stop is bounded (`--shutdown-timeout`): nothing left behind (a runtime
+            // command's blocking thread) may hold the process open after it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
         Command::Ops(args) => {
             let _telemetry = telemetry("warn", "millracer-ops");
@@ -58,6 +57,21 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// [`exit_code`], with a worker's refusals keeping their own code (2: a collision).
+fn worker_exit_code(outcome: anyhow::Result<()>) -> i32 {
+    if let Err(err) = &outcome {
+        if let Some(refusal) = err.downcast_ref::<worker::Refusal>() {
+            eprintln!("millracer: error: {refusal}");
+            return i32::from(refusal.code);
+        }
+        // Already said as an ERROR line naming the server and what is needed.
+        if err.downcast_ref::<Incompatible>().is_some() {
+            return i32::from(worker::EXIT_INCOMPATIBLE_BROKER);
+        }
+    }
+    exit_code(outcome)
 }
 
 /// 0, or 1 with the error on stderr in the reference's wording.

@@ -48,6 +48,8 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
         &nats.url,
         &[("shop", shop.path())],
         &[
+            "--host-id",
+            "test-host",
             "--nats-user",
             WORKER.0,
             "--nats-password",
@@ -64,7 +66,14 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
         loop {
             if let Ok(stream) = js.get_stream(subjects::JOBS_STREAM).await
                 && stream
-                    .consumer_info(subjects::jobs_consumer("shop", JobClass::Read))
+                    .consumer_info(subjects::jobs_consumer(
+                        "shop",
+                        &subjects::fingerprint(
+                            "test-host",
+                            &millracer::millrace::workspace::resolve_path(shop.path()),
+                        ),
+                        JobClass::Read,
+                    ))
                     .await
                     .is_ok()
             {

@@ -519,7 +519,8 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
 #[test]
 fn sigterm_answers_requests_in_flight_then_exits_zero() {
     let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
-    let mut s = serve(&[("alpha", &ws)], &[]);
+    // A stop bound above the run's length: the stop waits for it.
+    let mut s = serve(&[("alpha", &ws)], &["--shutdown-timeout", "60"]);
     rt().block_on(async {
         let client = s.nats.client().await;
         s.worker.wait_ready(&client).await;

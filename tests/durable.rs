@@ -600,7 +600,12 @@ fn a_request_too_large_gets_a_clear_stored_error_and_is_not_retried() {
 fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
     let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
     let nats = NatsServer::start();
-    let mut worker = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    // A stop bound above the request's length: the stop waits for it.
+    let mut worker = Worker::spawn(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &["--shutdown-timeout", "120"],
+    );
     let request = enqueue(
         "term-1",
         "alpha",

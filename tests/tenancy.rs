@@ -195,6 +195,8 @@ fn the_shop_adapter_cannot_reach_another_workspace() {
         &nats.url,
         &[("shop", shop.path()), ("other", other.path())],
         &[
+            "--host-id",
+            "test-host",
             "--nats-user",
             WORKER.0,
             "--nats-password",
@@ -211,7 +213,14 @@ fn the_shop_adapter_cannot_reach_another_workspace() {
         loop {
             if let Ok(stream) = admin_js.get_stream(subjects::JOBS_STREAM).await
                 && stream
-                    .consumer_info(subjects::jobs_consumer("other", JobClass::Change))
+                    .consumer_info(subjects::jobs_consumer(
+                        "other",
+                        &subjects::fingerprint(
+                            "test-host",
+                            &millracer::millrace::workspace::resolve_path(other.path()),
+                        ),
+                        JobClass::Change,
+                    ))
                     .await
                     .is_ok()
                 && admin_js
@@ -473,10 +482,12 @@ fn the_shop_adapter_cannot_reach_another_workspace() {
             new.iter().all(|k| k.starts_with("shop.")),
             "keys outside `shop`: {new:?}"
         );
+        // Core results are kept by request_id like durable ones: 7 core attempts, 4
+        // durable ones (one of them under its hashed id).
         assert_eq!(
             new.len(),
-            4,
-            "one key per durable attempt in `shop`: {new:?}"
+            11,
+            "one key per attempt in `shop`, core and durable: {new:?}"
         );
         assert!(
             keys_after

@@ -100,6 +100,9 @@ pub struct Service {
     /// `direct`). A worker has one only when configured (`--pi-runner`, `[pi]`); the
     /// in-process bridge builds one from the common options, as the reference does.
     pub pi: Option<crate::agent::pi::PiRunner>,
+    /// The bus's registry of served workspaces (a worker on a broker with JetStream):
+    /// `list_workspaces` on `req.any` answers with every workspace the bus serves.
+    pub directory: Option<std::sync::Arc<crate::contract::registry::Directory>>,
 }
 
 /// What the engine needs to know before running a request: decided synchronously, on

@@ -249,7 +249,9 @@ pub use crate::bus::nats::DEFAULT_NATS_URL;
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// A workspace to serve: `PATH`, or `ID=PATH` (repeatable). A single unnamed one
-    /// gets the id `default`. Each must have been made by `millrace init --workspace PATH`.
+    /// gets the id `<dir-slug>-<8 hex>` derived from the host id and its path (see
+    /// docs/bus-naming.md), so unnamed workspaces of two operators never share an id. Each
+    /// must have been made by `millrace init --workspace PATH`.
     #[arg(long = "workspace", value_name = "[ID=]PATH")]
     pub workspaces: Vec<String>,
     /// A TOML file listing workspaces (and optionally `[nats] url`; default: none).
@@ -293,9 +295,21 @@ pub struct WorkerArgs {
     /// worker runs no model (default: off).
     #[arg(long)]
     pub pi_runner: bool,
+    /// This host's id on the bus: a workspace's identity is its host id and canonical path
+    /// [default: `[worker] host_id` in --config, else the host name made a plain token].
+    #[arg(long, env = "MILLRACER_HOST_ID", value_name = "ID")]
+    pub host_id: Option<String>,
     /// Serve core request/reply only: no JetStream intake, no results bucket (for brokers without JetStream).
     #[arg(long)]
     pub core_only: bool,
+    /// After SIGTERM/SIGINT, give up handing back what is still in flight after this many
+    /// seconds (broker or not), log what was left, and exit.
+    #[arg(
+        long = "shutdown-timeout",
+        value_name = "SECONDS",
+        default_value_t = 10.0
+    )]
+    pub shutdown_timeout_seconds: f64,
     #[command(flatten)]
     pub nats: NatsOptions,
     #[command(flatten)]
@@ -350,6 +364,14 @@ pub struct OpsArgs {
     /// is waited for is said on stderr after a second).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// When no live worker serves the workspace (the bus's registry), wait for one instead
+    /// of exiting 3 at once: the request is stored durably (bounded by `--timeout`).
+    #[arg(long)]
+    pub wait_for_worker: bool,
+    /// This host's id, for the path key of a request naming its workspace by path [default:
+    /// the host name made a plain token; must match the worker's].
+    #[arg(long, env = "MILLRACER_HOST_ID", value_name = "ID")]
+    pub host_id: Option<String>,
     /// Workspace root and default command working directory (in-process runs, and requests
     /// that name no workspace).
     #[arg(long, default_value = ".")]
@@ -473,6 +495,28 @@ impl CommonOptions {
             self.millrace_command.clone(),
             secs(self.runtime_timeout_seconds),
         )
+    }
+}
+
+/// This host's id: `explicit` (flag, environment or config file), else
+/// `MILLRACER_HOST_ID`, else the host name made a plain token. An explicit id must be a
+/// plain token already.
+pub fn host_id(explicit: Option<&str>) -> Result<String, String> {
+    let explicit = explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("MILLRACER_HOST_ID").ok())
+        .filter(|s| !s.is_empty());
+    match explicit {
+        Some(id) if crate::contract::token::is_plain_token(&id) => Ok(id),
+        Some(id) => Err(format!(
+            "host id {id:?} is not allowed: use 1-64 letters, digits, '-' or '_', not starting with '_'"
+        )),
+        None => {
+            let name = nix::unistd::gethostname()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok(crate::contract::token::host_token(&name))
+        }
     }
 }
 

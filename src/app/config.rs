@@ -4,6 +4,9 @@
 //! [nats]
 //! url = "nats://127.0.0.1:4222"
 //!
+//! [worker]
+//! host_id = "build-1"        # default: the host name (see docs/bus-naming.md)
+//!
 //! [[workspace]]
 //! id = "demo"
 //! path = "/srv/millrace/demo"
@@ -39,6 +42,16 @@ pub struct ConfigFile {
     pub workspaces: Vec<WorkspaceEntry>,
     #[serde(default)]
     pub pi: PiSection,
+    #[serde(default)]
+    pub worker: WorkerSection,
+}
+
+/// `[worker]`: the worker's identity on the bus.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// The host id (`--host-id` and `MILLRACER_HOST_ID` win).
+    pub host_id: Option<String>,
 }
 
 /// `[pi]`: the worker's pi runner. Unset keys fall back to the command-line options.
@@ -169,11 +182,13 @@ pub fn parse_workspace_flag(spec: &str) -> (Option<String>, PathBuf) {
 }
 
 /// Builds the registry a worker serves from flags and the config file. Paths are
-/// resolved once here; each must be an existing directory.
+/// resolved once here; each must be an existing directory. An unnamed workspace gets the
+/// id `<dir-slug>-<8 hex of its fingerprint on host>` (see docs/bus-naming.md).
 pub fn build_registry(
     flags: &[String],
     file: Option<&ConfigFile>,
     default_mode: &str,
+    host: &str,
 ) -> Result<Registry, ConfigError> {
     let mut entries: Vec<(Option<String>, PathBuf, Option<&WorkspaceEntry>)> = flags
         .iter()
@@ -199,8 +214,11 @@ pub fn build_registry(
     let mut default_id = None;
     let mut records = Vec::new();
     for (id, path, entry) in entries {
-        let id = id.unwrap_or_else(|| "default".to_string());
         let root = resolve_path(&path);
+        let id = id.unwrap_or_else(|| {
+            let fingerprint = crate::bus::subjects::fingerprint(host, &root);
+            crate::contract::token::unnamed_workspace_id(&root, &fingerprint)
+        });
         if !root.is_dir() {
             return Err(ConfigError::NotADirectory { id, path: root });
         }
@@ -246,6 +264,7 @@ mod tests {
             &[format!("a={}", a.path().display())],
             Some(&file),
             "default_pi",
+            "h",
         )
         .expect("registry");
         assert_eq!(reg.default_id(), Some("b"));
@@ -253,16 +272,25 @@ mod tests {
     }
 
     #[test]
-    fn single_unnamed_is_default_and_bad_configs_fail() {
+    fn single_unnamed_gets_a_host_scoped_id_and_bad_configs_fail() {
         let a = tempfile::tempdir().expect("a");
-        let reg = build_registry(&[a.path().display().to_string()], None, "m").expect("ok");
-        assert_eq!(reg.default_id(), Some("default"));
+        let flags = [a.path().display().to_string()];
+        let reg = build_registry(&flags, None, "m", "h1").expect("ok");
+        let id = reg
+            .default_id()
+            .expect("the single workspace is the default");
+        let root = resolve_path(a.path());
+        let fp = crate::bus::subjects::fingerprint("h1", &root);
+        assert!(id.ends_with(&fp[..8]), "{id}");
+        assert_ne!(id, "default");
+        let other = build_registry(&flags, None, "m", "h2").expect("ok");
+        assert_ne!(other.default_id(), Some(id), "another host, another id");
         assert!(matches!(
-            build_registry(&[], None, "m"),
+            build_registry(&[], None, "m", "h"),
             Err(ConfigError::NoWorkspace)
         ));
         assert!(matches!(
-            build_registry(&["x=/definitely/not/here".into()], None, "m"),
+            build_registry(&["x=/definitely/not/here".into()], None, "m", "h"),
             Err(ConfigError::NotADirectory { .. })
         ));
         assert!(toml::from_str::<ConfigFile>("bogus = 1").is_err());

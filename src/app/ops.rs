@@ -2,8 +2,9 @@
 //! in-process) and prints the OpsResult the way the reference prints it.
 //!
 //! Exit codes: 0 done (also `blocked`/`incomplete`), 1 the result is `failed` or the
-//! request is invalid (the reference's), 2 usage, 3 no worker answers for the workspace
-//! or the bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
+//! request is invalid (the reference's), 2 usage, 3 no live worker serves the workspace
+//! (the bus's registry says so within a second; `--wait-for-worker` waits instead) or the
+//! bus cannot be reached (`--transport nats`), 4 timed out waiting for the result.
 //!
 //! Never silent: a wait longer than a second (the broker, a worker, the result) is said on
 //! stderr with what is waited for and `--timeout`; stdout carries only the result (and
@@ -109,6 +110,8 @@ pub async fn run(args: OpsArgs) -> i32 {
         workspace: args.workspace.clone(),
         common: args.common.clone(),
         submit: args.submit,
+        host_id: args.host_id.clone(),
+        wait_for_worker: args.wait_for_worker,
     };
     if let Some(request_id) = args.attach.clone() {
         let mut out = Output::new(args.stream_json);
@@ -182,6 +185,18 @@ pub struct Link {
     pub common: CommonOptions,
     /// Durable submission (the jobs stream and the results bucket), or core request/reply.
     pub submit: Submit,
+    /// This host's id (path keys are per host); `None`: `MILLRACER_HOST_ID` or the host name.
+    pub host_id: Option<String>,
+    /// Wait for a worker when the registry shows none (bounded by `timeout`), instead of
+    /// answering "no worker" at once.
+    pub wait_for_worker: bool,
+}
+
+impl Link {
+    /// This host's id, for path keys.
+    fn host(&self) -> Result<String, BusError> {
+        crate::app::cli::host_id(self.host_id.as_deref()).map_err(BusError::Setup)
+    }
 }
 
 /// One frame on its way to the caller: its JSON line as sent, and the frame when it
@@ -384,6 +399,7 @@ pub fn local_service(
         settings: common.settings(),
         status_cache: None,
         pi: Some(pi),
+        directory: None,
     })
 }
 
@@ -406,7 +422,11 @@ async fn local(
 }
 
 /// Request subjects to try, most specific first.
-fn candidate_subjects(request: &OpsRequest, cli_workspace: &std::path::Path) -> Vec<String> {
+fn candidate_subjects(
+    request: &OpsRequest,
+    cli_workspace: &std::path::Path,
+    host: &str,
+) -> Vec<String> {
     if !Action::parse(&request.action).needs_workspace() {
         return vec![subjects::request_any()];
     }
@@ -416,15 +436,127 @@ fn candidate_subjects(request: &OpsRequest, cli_workspace: &std::path::Path) -> 
         subjects.push(subjects::request_by_id(id));
     }
     match &wref.root_path {
-        Some(root) => subjects.push(subjects::request_by_path(&resolve_path(
-            std::path::Path::new(root),
+        Some(root) => subjects.push(subjects::request_by_path(&subjects::path_key(
+            host,
+            &resolve_path(std::path::Path::new(root)),
         ))),
         None if wref.workspace_id.is_none() => {
-            subjects.push(subjects::request_by_path(&resolve_path(cli_workspace)));
+            subjects.push(subjects::request_by_path(&subjects::path_key(
+                host,
+                &resolve_path(cli_workspace),
+            )));
         }
         None => {}
     }
     subjects
+}
+
+/// What a request needs a live owner of, in the bus's registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// Workspace-less actions: any worker.
+    Any,
+    Id(String),
+    /// A path on this host: its path key (fingerprint).
+    PathKey(String),
+}
+
+fn target(request: &OpsRequest, cli_workspace: &std::path::Path, host: &str) -> Target {
+    if !Action::parse(&request.action).needs_workspace() {
+        return Target::Any;
+    }
+    let wref = &request.workspace_ref;
+    match (&wref.workspace_id, &wref.root_path) {
+        (Some(id), _) => Target::Id(id.clone()),
+        (None, Some(root)) => Target::PathKey(subjects::path_key(
+            host,
+            &resolve_path(std::path::Path::new(root)),
+        )),
+        (None, None) => Target::PathKey(subjects::path_key(host, &resolve_path(cli_workspace))),
+    }
+}
+
+/// Whether the registry shows a live owner for the request: `Ok(None)` when the bus has
+/// no registry (a broker without JetStream, core-only workers: the caller goes on as
+/// before), `Ok(Some(served))` otherwise.
+async fn served(
+    client: &async_nats::Client,
+    request: &OpsRequest,
+    link: &Link,
+) -> Result<Option<bool>, BusError> {
+    let host = link.host()?;
+    let js = async_nats::jetstream::new(client.clone());
+    let target = target(request, &link.workspace, &host);
+    // One workspace's entries only when the id is known (what a role scoped to that
+    // workspace may read); everything otherwise.
+    let filter = match &target {
+        Target::Id(id) => format!("{}.*", subjects::token(id)),
+        _ => ">".to_string(),
+    };
+    let Some(owners) = crate::bus::registry::read(&js, &filter)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot read the bus's registry: {e}")))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(owners.iter().any(|o| {
+        o.live
+            && match &target {
+                Target::Any => true,
+                Target::Id(id) => &o.entry.workspace_id == id,
+                Target::PathKey(key) => &o.entry.fingerprint == key,
+            }
+    })))
+}
+
+/// Refuses at once (exit 3, naming the workspace) when the registry shows no live owner
+/// for the request, unless the caller asked to wait; `registry_required` says what an
+/// absent registry means (durable intake: nobody registered, so nobody serves).
+async fn require_served(
+    client: &async_nats::Client,
+    request: &OpsRequest,
+    link: &Link,
+    url: &str,
+    registry_required: bool,
+) -> Result<(), BusError> {
+    let served = match served(client, request, link).await? {
+        Some(served) => served,
+        None if registry_required => false,
+        None => return Ok(()),
+    };
+    if served {
+        return Ok(());
+    }
+    let what = describe_target(request, &link.workspace);
+    if link.wait_for_worker {
+        eprintln!(
+            "millracer: note: no live worker serves {what} on {url} right now; waiting for one (--wait-for-worker)"
+        );
+        return Ok(());
+    }
+    Err(BusError::Unavailable(format!(
+        "no live worker serves {what} on {url} (registry {}); start a worker for it, or pass --wait-for-worker to wait for one (bounded by --timeout)",
+        subjects::REGISTRY_BUCKET
+    )))
+}
+
+/// `--wait-for-worker` by request/reply: polls the registry until a live owner appears,
+/// bounded by the deadline.
+async fn wait_until_served(
+    client: &async_nats::Client,
+    request: &OpsRequest,
+    link: &Link,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(), BusError> {
+    loop {
+        if served(client, request, link).await? != Some(false) {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err(BusError::Timeout(link.timeout.unwrap_or_default()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn via_bus(
@@ -448,8 +580,12 @@ async fn via_bus(
     };
     let timeout = link.timeout;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    require_served(&client, request, link, &url, false).await?;
+    if link.wait_for_worker {
+        wait_until_served(&client, request, link, deadline).await?;
+    }
     let mut reply = None;
-    let mut candidates = candidate_subjects(request, &link.workspace);
+    let mut candidates = candidate_subjects(request, &link.workspace, &link.host()?);
     // With the bus required, a workspace no worker serves still gets an answer from any
     // worker there is: a clear `workspace_not_served` result rather than silence.
     if ask_any_worker && !candidates.contains(&subjects::request_any()) {
@@ -611,7 +747,7 @@ async fn connect(link: &Link, find_worker: bool) -> Result<(async_nats::Client, 
 
 /// The jobs subject of a request, most specific first: its workspace id, else its root
 /// path (or the bridge's `--workspace`); workspace-less actions go to any worker.
-fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path) -> String {
+fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path, host: &str) -> String {
     let action = Action::parse(&request.action);
     if !action.needs_workspace() {
         return subjects::jobs_any();
@@ -624,10 +760,14 @@ fn jobs_subject(request: &OpsRequest, cli_workspace: &std::path::Path) -> String
     let wref = &request.workspace_ref;
     match (&wref.workspace_id, &wref.root_path) {
         (Some(id), _) => subjects::jobs_by_id(id, class),
-        (None, Some(root)) => {
-            subjects::jobs_by_path(&resolve_path(std::path::Path::new(root)), class)
-        }
-        (None, None) => subjects::jobs_by_path(&resolve_path(cli_workspace), class),
+        (None, Some(root)) => subjects::jobs_by_path(
+            &subjects::path_key(host, &resolve_path(std::path::Path::new(root))),
+            class,
+        ),
+        (None, None) => subjects::jobs_by_path(
+            &subjects::path_key(host, &resolve_path(cli_workspace)),
+            class,
+        ),
     }
 }
 
@@ -694,29 +834,13 @@ async fn via_durable(
             .result()
             .ok_or_else(|| BusError::Failed("the stored result is unreadable".to_string()));
     }
+    require_served(&client, request, link, &url, true).await?;
     let mut frames = replay_frames(&js, &request.request_id, workspace, want_frames).await;
-    let subject = jobs_subject(request, &link.workspace);
-    let served = worker_pulls(&js, request).await;
-    if required && !served {
-        eprintln!(
-            "millracer: note: no worker on {url} takes requests for {} right now; the request is stored and waits for one (durable)",
-            describe_target(request, std::path::Path::new("."))
-        );
-    }
+    let subject = jobs_subject(request, &link.workspace, &link.host()?);
     let _note = WaitNote::start(format!(
-        "{} to finish request {} for {} on {url}{}; {}",
-        if served {
-            "a worker"
-        } else {
-            "a worker serving it"
-        },
+        "a worker to finish request {} for {} on {url}; {}",
         request.request_id,
         describe_target(request, &link.workspace),
-        if served {
-            ""
-        } else {
-            " (none takes its requests right now: start one with millracer worker --workspace ID=PATH; the request is stored and waits for it)"
-        },
         patience(timeout)
     ));
     let mut headers = async_nats::HeaderMap::new();
@@ -738,6 +862,12 @@ async fn via_durable(
             Ok(ack) => {
                 tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
                 break;
+            }
+            Err(err) if err.contains("per subject") => {
+                return Err(BusError::Failed(format!(
+                    "the bus refused the request: {} requests already wait on {subject} for a worker ({err})",
+                    durable::JOBS_MAX_PER_SUBJECT
+                )));
             }
             Err(err) if err.contains("maximum") || err.contains("size") => {
                 return Err(BusError::Failed(format!(
@@ -981,30 +1111,5 @@ async fn next_write(writes: &mut Option<async_nats::Subscriber>) -> Option<async
     match writes {
         Some(writes) => writes.next().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Whether a worker pulls the request's consumer right now (`true` when it cannot be
-/// told: a request by path only, or the consumer cannot be read).
-async fn worker_pulls(js: &async_nats::jetstream::Context, request: &OpsRequest) -> bool {
-    let action = Action::parse(&request.action);
-    let consumer = if !action.needs_workspace() {
-        subjects::JOBS_ANY_CONSUMER.to_string()
-    } else if let Some(id) = &request.workspace_ref.workspace_id {
-        let class = if action.is_mutating() {
-            subjects::JobClass::Change
-        } else {
-            subjects::JobClass::Read
-        };
-        subjects::jobs_consumer(id, class)
-    } else {
-        return true;
-    };
-    let Ok(stream) = js.get_stream(subjects::JOBS_STREAM).await else {
-        return true;
-    };
-    match stream.consumer_info(&consumer).await {
-        Ok(info) => info.num_waiting > 0,
-        Err(_) => false,
     }
 }

@@ -109,6 +109,8 @@ pub async fn run(args: RunArgs) -> i32 {
         workspace: workspace.clone(),
         common: args.common.clone(),
         submit: args.submit,
+        host_id: None,
+        wait_for_worker: false,
     };
     let options = runner::Options {
         workspace: &workspace,

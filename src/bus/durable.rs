@@ -52,6 +52,11 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub const FRAMES_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most this many bytes of frames are kept (the oldest go first).
 pub const FRAMES_MAX_BYTES: i64 = 1 << 30;
+/// At most this many requests wait on one jobs subject (one workspace and class, or
+/// `jobs.any`); a request beyond it is refused at publish (the caller is told), never
+/// silently dropped. With the bridge refusing unserved workspaces by default, only
+/// explicit waiters (`--wait-for-worker`) and adapters that skip the registry queue there.
+pub const JOBS_MAX_PER_SUBJECT: i64 = 10_000;
 
 /// Why the durable parts could not be set up or used.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +71,25 @@ pub enum DurableError {
         found: Vec<String>,
         expected: Vec<String>,
     },
+    #[error(
+        "the JetStream consumer {name} (filters {filters:?}) overlaps another worker's consumer on {stream}: another worker serves this workspace id or path under another identity; stop it or rename the workspace (a consumer left by a worker that is gone: nats consumer rm {stream} <name>)"
+    )]
+    ConsumerOverlap {
+        name: String,
+        filters: Vec<String>,
+        stream: String,
+    },
+}
+
+impl DurableError {
+    /// A collision of workspace identities (the worker refuses to start), rather than a
+    /// broker that cannot do JetStream.
+    pub fn is_collision(&self) -> bool {
+        matches!(
+            self,
+            Self::ConsumerDrift { .. } | Self::ConsumerOverlap { .. }
+        )
+    }
 }
 
 fn setup(what: impl Into<String>) -> impl FnOnce(String) -> DurableError {
@@ -119,6 +143,9 @@ pub async fn ensure(
         storage: StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
         max_age: retention,
+        max_messages_per_subject: JOBS_MAX_PER_SUBJECT,
+        discard: DiscardPolicy::New,
+        discard_new_per_subject: true,
         ..Default::default()
     })
     .await
@@ -170,13 +197,15 @@ pub struct Binding {
     pub ack_wait: Duration,
     /// The workspace its subjects bind (`None`: `jobs.any`, workspace-less actions only).
     pub workspace: Option<String>,
+    /// The worker's micro endpoint counting this consumer's requests (`$SRV.STATS`).
+    pub endpoint: Option<usize>,
 }
 
-/// The consumers of a worker serving `workspaces` (`(id, canonical root)`): a change and a
-/// read consumer per workspace, and the `any` consumer. Filters are disjoint, as a
-/// work-queue stream requires.
+/// The consumers of a worker serving `workspaces` (`(id, fingerprint)`): a change and a
+/// read consumer per workspace, named by id and fingerprint, and the `any` consumer.
+/// Filters are disjoint, as a work-queue stream requires.
 pub fn bindings<'a>(
-    workspaces: impl Iterator<Item = (&'a str, &'a std::path::Path)>,
+    workspaces: impl Iterator<Item = (&'a str, &'a str)>,
     ack_wait: Duration,
 ) -> Vec<Binding> {
     let mut out = vec![Binding {
@@ -185,22 +214,30 @@ pub fn bindings<'a>(
         max_ack_pending: 1000,
         ack_wait,
         workspace: None,
+        endpoint: None,
     }];
-    for (id, root) in workspaces {
+    for (id, fingerprint) in workspaces {
         for class in [JobClass::Change, JobClass::Read] {
             out.push(Binding {
-                name: subjects::jobs_consumer(id, class),
+                name: subjects::jobs_consumer(id, fingerprint, class),
                 filters: vec![
                     subjects::jobs_by_id(id, class),
-                    subjects::jobs_by_path(root, class),
+                    subjects::jobs_by_path(fingerprint, class),
                 ],
                 max_ack_pending: if class == JobClass::Change { 1 } else { 1000 },
                 ack_wait,
                 workspace: Some(id.to_string()),
+                endpoint: None,
             });
         }
     }
     out
+}
+
+/// A consumer bound and checked, ready to pull from.
+pub struct BoundConsumer {
+    binding: Binding,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
 }
 
 async fn consumer(
@@ -223,7 +260,18 @@ async fn consumer(
     let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(&binding.name, config)
         .await
-        .map_err(|e| setup(format!("consumer {}", binding.name))(e.to_string()))?;
+        .map_err(|e| {
+            let message = e.to_string();
+            if message.contains("not unique") || message.contains("overlap") {
+                DurableError::ConsumerOverlap {
+                    name: binding.name.clone(),
+                    filters: binding.filters.clone(),
+                    stream: subjects::JOBS_STREAM.to_string(),
+                }
+            } else {
+                setup(format!("consumer {}", binding.name))(message)
+            }
+        })?;
     let info = consumer
         .info()
         .await
@@ -254,6 +302,16 @@ pub struct JsReply {
     term: bool,
     /// Stops the progress acks.
     progress: CancellationToken,
+    /// The micro endpoint counting it, and when it arrived.
+    endpoint: Option<usize>,
+    received: std::time::Instant,
+}
+
+impl JsReply {
+    /// The micro endpoint counting this request, and how long it took so far.
+    pub fn stats(&self) -> Option<(usize, Duration)> {
+        self.endpoint.map(|e| (e, self.received.elapsed()))
+    }
 }
 
 /// A reply dropped without a result (it should not happen) stops its progress acks, so the
@@ -320,50 +378,53 @@ impl Durable {
         })
     }
 
-    /// Pulls from every binding until `stop` fires, handing requests to the engine.
+    /// Creates (or finds) and checks every binding's consumer: a consumer that exists with
+    /// other filters, or overlaps another worker's, is a collision of identities
+    /// ([`DurableError::is_collision`]).
+    pub async fn bind(&self, bindings: Vec<Binding>) -> Result<Vec<BoundConsumer>, DurableError> {
+        let mut out = Vec::new();
+        for binding in bindings {
+            let consumer = consumer(&self.js, &binding).await?;
+            out.push(BoundConsumer { binding, consumer });
+        }
+        Ok(out)
+    }
+
+    /// Pulls from every bound consumer until `stop` fires, handing requests to the engine.
     pub async fn serve(
         self: Arc<Self>,
         engine: Arc<Engine>,
-        bindings: Vec<Binding>,
+        consumers: Vec<BoundConsumer>,
         max_request_bytes: usize,
         stop: CancellationToken,
-    ) -> Result<(), DurableError> {
-        let mut consumers = Vec::new();
-        for binding in &bindings {
-            let bound = match &binding.workspace {
-                Some(id) => Bound::Workspace(id.clone()),
-                None => Bound::Any,
-            };
-            consumers.push((
-                binding.name.clone(),
-                bound,
-                consumer(&self.js, binding).await?,
-            ));
-        }
+    ) {
         let pullers = TaskTracker::new();
-        for (name, bound, consumer) in consumers {
+        for BoundConsumer { binding, consumer } in consumers {
             let this = self.clone();
             let engine = engine.clone();
             let stop = stop.clone();
             pullers.spawn(async move {
-                this.pull(name, bound, consumer, engine, max_request_bytes, stop)
+                this.pull(binding, consumer, engine, max_request_bytes, stop)
                     .await
             });
         }
         pullers.close();
         pullers.wait().await;
-        Ok(())
     }
 
     async fn pull(
         self: Arc<Self>,
-        name: String,
-        bound: Bound,
+        binding: Binding,
         consumer: jetstream::consumer::Consumer<pull::Config>,
         engine: Arc<Engine>,
         max_request_bytes: usize,
         stop: CancellationToken,
     ) {
+        let name = binding.name.clone();
+        let bound = match &binding.workspace {
+            Some(id) => Bound::Workspace(id.clone()),
+            None => Bound::Any,
+        };
         tracing::info!(consumer = %name, "pulling durable requests");
         'outer: while !stop.is_cancelled() {
             let mut messages = match consumer
@@ -389,8 +450,14 @@ impl Durable {
                 };
                 match next {
                     Some(Ok(message)) => {
-                        self.admit(&engine, message, &bound, max_request_bytes)
-                            .await;
+                        self.admit(
+                            &engine,
+                            message,
+                            &bound,
+                            binding.endpoint,
+                            max_request_bytes,
+                        )
+                        .await;
                     }
                     Some(Err(err)) => {
                         // Missed heartbeats during a broker outage and the like: the stream
@@ -410,8 +477,10 @@ impl Durable {
         engine: &Arc<Engine>,
         message: jetstream::Message,
         bound: &Bound,
+        endpoint: Option<usize>,
         max_request_bytes: usize,
     ) {
+        let received = std::time::Instant::now();
         let span =
             tracing::info_span!("nats.receive", subject = %message.subject, jetstream = true);
         trace::adopt(&span, message.headers.as_ref());
@@ -444,6 +513,8 @@ impl Durable {
                 key,
                 term: true,
                 progress: CancellationToken::new(),
+                endpoint,
+                received,
             };
             engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, submit_hints());
             return;
@@ -495,6 +566,8 @@ impl Durable {
             key: Some(key),
             term: false,
             progress,
+            endpoint,
+            received,
         };
         engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, hints);
     }
@@ -713,6 +786,30 @@ impl Durable {
             };
             if let Err(err) = ack {
                 tracing::warn!(%err, "cannot ack a finished request (the stored result answers a redelivery)");
+            }
+        });
+    }
+
+    /// Keeps the result of a core request/reply request under its scoped result key, like
+    /// a durable one, unless something is stored there already (a durable request with
+    /// the same id writes its own record; a repeated core request has the same result).
+    pub fn store_core_result(self: &Arc<Self>, workspace: Option<String>, result: Arc<OpsResult>) {
+        if result.request_id.is_empty() {
+            return;
+        }
+        let key = subjects::result_key(workspace.as_deref(), &result.request_id);
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let mut record = this.running(workspace);
+            record.state = "done".to_string();
+            record.result = serde_json::from_str::<Value>(&result.to_json_line()).ok();
+            let Ok(body) = serde_json::to_vec(&record) else {
+                return;
+            };
+            match this.kv.create(&key, Bytes::from(body)).await {
+                Ok(_) => {}
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(err) => tracing::warn!(%err, key, "cannot keep a core request's result"),
             }
         });
     }

@@ -17,13 +17,18 @@ use serde_json::{Value, json};
 /// The service name tooling shows.
 pub const SERVICE_NAME: &str = "millracer";
 
-/// One request endpoint of the worker.
+/// One request endpoint of the worker: a core subject it subscribes to, or a durable
+/// consumer it pulls from (listed and counted the same way, so `$SRV.STATS` counts every
+/// request the worker handles).
 #[derive(Debug, Clone)]
 pub struct EndpointInfo {
     pub name: String,
     pub subject: String,
+    /// The queue group (core), or the durable consumer's name.
     pub queue_group: String,
     pub metadata: HashMap<String, String>,
+    /// Pulled from the jobs stream rather than subscribed to.
+    pub durable: bool,
 }
 
 #[derive(Debug, Default, Clone)]

@@ -9,5 +9,6 @@ pub mod durable;
 pub mod local;
 pub mod micro;
 pub mod nats;
+pub mod registry;
 pub mod subjects;
 pub mod trace;

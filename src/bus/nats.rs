@@ -271,6 +271,9 @@ pub struct NatsReply {
     pub subject: Option<String>,
     pub endpoint: usize,
     pub received: std::time::Instant,
+    /// The workspace the endpoint's subject binds (`None`: `req.any`): the result is kept
+    /// under this scope's result key.
+    pub scope: Option<String>,
 }
 
 fn add_trace(headers: &mut HeaderMap, trace: &crate::engine::frames::TraceContext) {
@@ -326,6 +329,7 @@ pub async fn publish_outbound(
                     .first()
                     .filter(|_| result.status == crate::contract::ResultStatus::Failed)
                     .map(|e| format!("{}: {}", e.code, e.message));
+                let mut core_scope = None;
                 for reply in to {
                     let reply = match reply.try_into_inner::<NatsReply>() {
                         Ok(reply) => reply,
@@ -333,6 +337,11 @@ pub async fn publish_outbound(
                             if let (Some(durable), Ok(js)) =
                                 (&durable, other.try_into_inner::<super::durable::JsReply>())
                             {
+                                if let (Some(micro), Some((endpoint, elapsed))) =
+                                    (&micro, js.stats())
+                                {
+                                    micro.record(endpoint, elapsed, error.clone());
+                                }
                                 durable.finish(js, result.clone(), last_sequence);
                             }
                             continue;
@@ -341,6 +350,7 @@ pub async fn publish_outbound(
                     if let Some(micro) = &micro {
                         micro.record(reply.endpoint, reply.received.elapsed(), error.clone());
                     }
+                    core_scope.get_or_insert(reply.scope.clone());
                     let Some(subject) = reply.subject else {
                         continue;
                     };
@@ -355,6 +365,10 @@ pub async fn publish_outbound(
                     {
                         tracing::warn!(%err, request_id = %result.request_id, "cannot publish a result");
                     }
+                }
+                // Core results are kept by request_id like durable ones.
+                if let (Some(durable), Some(scope)) = (&durable, core_scope) {
+                    durable.store_core_result(scope, result.clone());
                 }
             }
         }

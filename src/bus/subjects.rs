@@ -19,9 +19,7 @@
 //! [`token`] before it becomes part of a subject, so `.`, `*`, `>`, spaces and `$` can
 //! never reach another subject.
 
-use std::path::Path;
-
-pub use crate::contract::token::{is_plain_token, path_key, token};
+pub use crate::contract::token::{fingerprint, is_plain_token, path_key, token};
 
 const ROOT: &str = "millracer.ops.v0_2";
 
@@ -45,9 +43,10 @@ pub fn request_by_id(workspace_id: &str) -> String {
     format!("{ROOT}.req.ws.{}", token(workspace_id))
 }
 
-/// Requests for the workspace at this canonical root path.
-pub fn request_by_path(canonical_root: &Path) -> String {
-    format!("{ROOT}.req.path.{}", path_key(canonical_root))
+/// Requests for the workspace with this path key ([`path_key`] of its host and canonical
+/// root path).
+pub fn request_by_path(path_key: &str) -> String {
+    format!("{ROOT}.req.path.{}", token(path_key))
 }
 
 /// Requests any worker may answer.
@@ -107,13 +106,9 @@ pub fn jobs_by_id(workspace_id: &str, class: JobClass) -> String {
     format!("{ROOT}.jobs.ws.{}.{}", token(workspace_id), class.as_str())
 }
 
-/// Durable requests for the workspace at this canonical root path.
-pub fn jobs_by_path(canonical_root: &Path, class: JobClass) -> String {
-    format!(
-        "{ROOT}.jobs.path.{}.{}",
-        path_key(canonical_root),
-        class.as_str()
-    )
+/// Durable requests for the workspace with this path key.
+pub fn jobs_by_path(path_key: &str, class: JobClass) -> String {
+    format!("{ROOT}.jobs.path.{}.{}", token(path_key), class.as_str())
 }
 
 /// Durable requests any worker may take.
@@ -121,9 +116,30 @@ pub fn jobs_any() -> String {
     format!("{ROOT}.jobs.any")
 }
 
-/// The durable consumer name of one served workspace and class (`ws-<id>-change`).
-pub fn jobs_consumer(workspace_id: &str, class: JobClass) -> String {
-    format!("ws-{}-{}", token(workspace_id), class.as_str())
+/// The durable consumer name of one served workspace and class
+/// (`ws-<id>-<8 hex of fingerprint>-change`): a different path can never share a consumer.
+pub fn jobs_consumer(workspace_id: &str, fingerprint: &str, class: JobClass) -> String {
+    let fp8: String = fingerprint.chars().take(8).collect();
+    format!(
+        "ws-{}-{}-{}",
+        token(workspace_id),
+        token(&fp8),
+        class.as_str()
+    )
+}
+
+/// The KV bucket of the workspaces the bus serves: `<workspace id>.<worker id>` per live
+/// owner, refreshed by its worker every [`REGISTRY_REFRESH`], gone [`REGISTRY_MAX_AGE`]
+/// after its last refresh.
+pub const REGISTRY_BUCKET: &str = "MILLRACER_WORKSPACES";
+/// How often a worker refreshes its registry entries.
+pub const REGISTRY_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an entry outlives its last refresh (the bucket's `max_age`).
+pub const REGISTRY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The registry key of one owner of a workspace.
+pub fn registry_key(workspace_id: &str, worker_id: &str) -> String {
+    format!("{}.{}", token(workspace_id), token(worker_id))
 }
 
 /// The name of an ordered consumer replaying frames: named, so its filter is part of the
@@ -205,7 +221,10 @@ mod tests {
             jobs_by_id("shop", JobClass::Change),
             "millracer.ops.v0_2.jobs.ws.shop.change"
         );
-        assert_eq!(jobs_consumer("shop", JobClass::Read), "ws-shop-read");
+        assert_eq!(
+            jobs_consumer("shop", "0123456789abcdef", JobClass::Read),
+            "ws-shop-01234567-read"
+        );
         assert_eq!(
             jobs_by_id("a.b", JobClass::Read),
             format!("millracer.ops.v0_2.jobs.ws.{}.read", token("a.b"))

@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod progress;
 pub mod pyjson;
+pub mod registry;
 pub mod request;
 pub mod result;
 pub mod time;

@@ -136,6 +136,18 @@ impl Ledger {
             .count()
     }
 
+    /// The request_ids still running, sorted.
+    pub fn running_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Running { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     fn evict(&mut self, now: Instant) {
         while let Some((id, at)) = self.finished.front() {
             let expired = now.duration_since(*at) > self.ttl;

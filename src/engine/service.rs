@@ -245,6 +245,16 @@ impl Engine {
         self.lock_ledger().running()
     }
 
+    /// The request_ids running or waiting (what a stop that ran out of time leaves).
+    pub fn in_flight_ids(&self) -> Vec<String> {
+        // Ledger keys are `<workspace> NUL <request_id>`: shown as `<workspace>/<request_id>`.
+        self.lock_ledger()
+            .running_ids()
+            .into_iter()
+            .map(|id| id.replace('\0', "/"))
+            .collect()
+    }
+
     fn lock_ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
