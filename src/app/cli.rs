@@ -123,8 +123,9 @@ pub struct CommonOptions {
 /// How to reach NATS and prove who we are.
 #[derive(Debug, Clone, Args)]
 pub struct NatsOptions {
-    /// NATS server URL [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "MILLRACER_NATS_URL")]
+    /// NATS server URL, or several separated by commas (servers of one cluster)
+    /// [default: nats://127.0.0.1:4222]. The servers a cluster advertises are followed too.
+    #[arg(long, env = "MILLRACER_NATS_URL", value_name = "URL[,URL...]")]
     pub nats_url: Option<String>,
     #[arg(long, env = "MILLRACER_NATS_USER")]
     pub nats_user: Option<String>,
@@ -204,6 +205,12 @@ pub struct WorkerArgs {
     /// Used when this worker creates the consumers; progress acks come every third of it.
     #[arg(long, default_value_t = 30.0)]
     pub ack_wait_seconds: f64,
+    /// Replicas of the jobs and frames streams and the results bucket (3 on a 3-server
+    /// cluster). Used when they are created; an existing stream with other replicas is
+    /// scaled when the server allows it, else the log says how. Default: 1 for new
+    /// streams, existing ones left as they are.
+    #[arg(long, env = "MILLRACER_STREAM_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: Option<u8>,
     /// A status snapshot is reused while the workspace's runtime files are unchanged and
     /// it is younger than this (a dying daemon changes no file).
     #[arg(long, default_value_t = 2.0)]

@@ -60,6 +60,15 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         ack_wait,
     );
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
+    let replicas = durable::Replicas {
+        wanted: args
+            .stream_replicas
+            .or_else(|| file.as_ref().and_then(|f| f.nats.stream_replicas))
+            .map(usize::from),
+    };
+    if replicas.wanted == Some(0) {
+        anyhow::bail!("[nats] stream_replicas must be at least 1");
+    }
     let micro = Arc::new(Micro::new(
         endpoints,
         HashMap::from([(
@@ -111,7 +120,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     )
     .await?;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
-    let durable = setup_durable(&client, &micro.id, retention, ack_wait).await;
+    let durable = setup_durable(&client, &micro.id, retention, replicas, ack_wait).await;
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
         outbound,
@@ -223,12 +232,13 @@ async fn setup_durable(
     client: &async_nats::Client,
     owner: &str,
     retention: std::time::Duration,
+    replicas: durable::Replicas,
     ack_wait: std::time::Duration,
 ) -> Option<Arc<Durable>> {
     let js = async_nats::jetstream::new(client.clone());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match durable::ensure(&js, retention).await {
+        match durable::ensure(&js, retention, replicas).await {
             Ok(kv) => {
                 return Some(Durable::new(
                     js,
