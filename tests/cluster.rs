@@ -174,15 +174,15 @@ fn the_workers_server_dies_mid_stage_and_the_bridge_on_another_server_gets_one_r
         wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
         cluster.kill(0);
         let killed = Instant::now();
-        // A durable read sent after the death: answered once the worker is back on the
-        // cluster (through B or C).
+        // A durable read sent after the death, by a bridge listing the dead server first:
+        // answered once the worker is back on the cluster (through B or C).
         let status = request_json(
             "cluster-after",
             "status",
             json!({"workspace_id": "alpha"}),
             json!({"kind": "structured_action", "payload": {}}),
         );
-        let second_bridge = cluster.url(2);
+        let second_bridge = format!("{},{}", cluster.url(0), cluster.url(2));
         let out = tokio::task::spawn_blocking(move || {
             run_ops_with_timeout(
                 &[

@@ -66,8 +66,12 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             .or_else(|| file.as_ref().and_then(|f| f.nats.stream_replicas))
             .map(usize::from),
     };
-    if replicas.wanted == Some(0) {
-        anyhow::bail!("[nats] stream_replicas must be at least 1");
+    if let Some(n) = replicas.wanted
+        && !(1..=5).contains(&n)
+    {
+        anyhow::bail!(
+            "[nats] stream_replicas must be 1 to 5 (JetStream keeps at most 5 copies), not {n}"
+        );
     }
     let micro = Arc::new(Micro::new(
         endpoints,
