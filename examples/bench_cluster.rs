@@ -168,11 +168,16 @@ impl WorkerProc {
             cmd.arg("--workspace")
                 .arg(format!("{id}={}", path.display()));
         }
+        // Each worker's log next to its HOME (`worker.log`), printed when a figure fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.join("worker.log"))?;
         Ok(Self(
             cmd.env("HOME", home)
-                .env("RUST_LOG", "error")
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()?,
         ))
     }
@@ -440,7 +445,15 @@ async fn main() -> anyhow::Result<()> {
     let before = answered(&kv, &keys_of(&ids, &workspaces)).await;
     let killed = Instant::now();
     cluster.kill(0);
-    probe(&js, &kv, "probe-after-kill").await?;
+    if let Err(err) = probe(&js, &kv, "probe-after-kill").await {
+        let log = std::fs::read_to_string(home_a.join("worker.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "worker A's log (last lines, newest first):\n{}",
+            tail.join("\n")
+        );
+        return Err(err);
+    }
     let back = killed.elapsed();
     let (done, lost) = collect(
         &kv,

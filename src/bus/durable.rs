@@ -526,7 +526,9 @@ impl Durable {
         let key = subjects::result_key(bound.workspace(), &request.request_id);
         let workspace = engine.service().plan(&request).workspace_id;
         let frames_subject = subjects::frames(workspace.as_deref(), &request.request_id);
-        let claim = self.claim(&key, workspace.clone(), delivered).await;
+        let claim = self
+            .claim_through_outage(&key, workspace.clone(), delivered, &message)
+            .await;
         let mut hints = submit_hints();
         match claim {
             Ok(Claim::New) => {}
@@ -598,6 +600,34 @@ impl Durable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), (record, pending_path));
+    }
+
+    /// [`Durable::claim`], retried while the bucket is unreachable (a cluster electing a
+    /// new leader after a server died, a broker restarting), with progress acks so the
+    /// request stays this worker's: handing it back (a nak) would spend one of its
+    /// [`MAX_DELIVER`] deliveries per attempt, and a failover longer than a few seconds
+    /// would drop it. Gives up after [`CLAIM_PATIENCE`].
+    async fn claim_through_outage(
+        &self,
+        key: &str,
+        workspace: Option<String>,
+        delivered: i64,
+        message: &jetstream::Message,
+    ) -> Result<Claim, String> {
+        let deadline = std::time::Instant::now() + CLAIM_PATIENCE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.claim(key, workspace.clone(), delivered).await {
+                Ok(claim) => return Ok(claim),
+                Err(err) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(%err, key, "cannot claim a request yet; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     async fn claim(
@@ -882,6 +912,9 @@ impl Durable {
         }
     }
 }
+
+/// How long a delivered request waits for the results bucket before it is handed back.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long a run waits for its intent to be stored before it queues anyway (a broker
 /// outage longer than this: the run goes on, and only a crash in the next instants could
