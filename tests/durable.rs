@@ -655,3 +655,159 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
         }
     });
 }
+
+/// A stand-in `millrace`: the real one, except that the first `queue …` command pauses,
+/// touching `$GAP_MARKER` first, so a test can kill the worker there: after the real
+/// `queue add` ran (the runtime has the card, the worker has not stored that it queued), or
+/// with `GAP_BEFORE=1` before it ran.
+fn pausing_millrace(dir: &Path) -> std::path::PathBuf {
+    let script = dir.join("millrace");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         case \"$1\" in queue) ;; *) exec \"$REAL_MILLRACE\" \"$@\" ;; esac\n\
+         if [ ! -e \"$GAP_MARKER\" ] && [ -n \"$GAP_BEFORE\" ]; then : > \"$GAP_MARKER\"; sleep 600; fi\n\
+         \"$REAL_MILLRACE\" \"$@\"\n\
+         rc=$?\n\
+         if [ ! -e \"$GAP_MARKER\" ]; then : > \"$GAP_MARKER\"; sleep 600; fi\n\
+         exit $rc\n",
+    )
+    .expect("write wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// The runtime's task cards in every lifecycle folder.
+fn task_cards(workspace: &Path) -> Vec<String> {
+    let mut cards = Vec::new();
+    for state in ["queue", "active", "done", "blocked"] {
+        if let Ok(entries) = std::fs::read_dir(workspace.join("millrace-agents/tasks").join(state))
+        {
+            cards.extend(
+                entries
+                    .flatten()
+                    .map(|e| format!("{state}/{}", e.file_name().to_string_lossy()))
+                    .filter(|n| n.ends_with(".md")),
+            );
+        }
+    }
+    cards
+}
+
+#[test]
+fn a_worker_killed_between_queue_add_and_recording_it_leaves_one_card() {
+    killed_in_the_gap(false);
+}
+
+#[test]
+fn a_worker_killed_after_recording_its_intent_but_before_queue_add_leaves_one_card() {
+    killed_in_the_gap(true);
+}
+
+/// A worker killed right after `queue add` (`before` false: the runtime has the card, the
+/// record only the intent) or right before it (`before` true: the record has the intent,
+/// the runtime nothing); the new owner leaves exactly one card either way.
+fn killed_in_the_gap(before: bool) {
+    let id = if before { "gap-before" } else { "gap-after" };
+    let ws = StandInWorkspace::new(json!({}));
+    let nats = NatsServer::start();
+    let tools = tempfile::tempdir().expect("tools dir");
+    let wrapper = pausing_millrace(tools.path());
+    let marker = tools.path().join("queued");
+    let real = common::millrace_bin();
+    let fast = ["--ack-wait-seconds", "3"];
+    let mut first = Worker::spawn_with(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &fast,
+        &[
+            (
+                "MILLRACER_MILLRACE_COMMAND",
+                wrapper.to_str().expect("utf-8"),
+            ),
+            ("REAL_MILLRACE", real.to_str().expect("utf-8")),
+            ("GAP_MARKER", marker.to_str().expect("utf-8")),
+            ("GAP_BEFORE", if before { "1" } else { "" }),
+        ],
+        None,
+    );
+    let request = enqueue(id, "alpha", "Fix src/app.py so tests/test_app.py passes");
+    rt().block_on(async {
+        let client = nats.client().await;
+        first.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        publish_job(
+            &js,
+            subjects::jobs_by_id("alpha", JobClass::Change),
+            &request,
+            id,
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !marker.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never ran `queue add`\n{}",
+                first.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // In the gap: the stored record has the intent only; the runtime has the card
+        // (after `queue add`) or nothing (before it).
+        assert_eq!(task_cards(ws.path()).len(), usize::from(!before));
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let stored = kv
+            .get(subjects::result_key(Some("alpha"), id))
+            .await
+            .expect("read")
+            .expect("record");
+        let stored: Value = serde_json::from_slice(&stored).expect("record JSON");
+        assert_eq!(stored["work_item"], Value::Null, "{stored:#}");
+        assert!(stored["intake"]["id"].is_string(), "{stored:#}");
+        first.kill_all();
+        let second = Worker::spawn(&nats.url, &[("alpha", ws.path())], &fast);
+        let record = wait_done(&kv, id, Duration::from_secs(180)).await;
+        assert_eq!(
+            record["result"]["status"],
+            "succeeded",
+            "{record:#}\n{}",
+            second.log()
+        );
+        assert_eq!(record["work_item"]["id"], stored["intake"]["id"]);
+        let frames = stored_frames(&js, id).await;
+        let types: Vec<&str> = frames
+            .iter()
+            .filter_map(|f| f["event_type"].as_str())
+            .collect();
+        assert_eq!(count(&frames, "runtime.intake_written"), 1, "{types:?}");
+        // After `queue add`: found in the runtime and resumed; before it: queued now.
+        let (resumed, queued) = if before { (0, 1) } else { (1, 0) };
+        assert_eq!(count(&frames, "runtime.resumed"), resumed, "{types:?}");
+        assert_eq!(count(&frames, "runtime.intake_reused"), queued, "{types:?}");
+        assert_eq!(
+            count(&frames, "runtime.work_item_queued"),
+            queued,
+            "{types:?}"
+        );
+        assert_eq!(count(&frames, "request.finished"), 1, "{types:?}");
+        assert_gapless(&frames);
+    });
+    let cards = task_cards(ws.path());
+    assert_eq!(cards.len(), 1, "one card: {cards:?}");
+    assert!(cards[0].starts_with("done/"), "{cards:?}");
+    assert_eq!(intake_documents(ws.path()).len(), 1);
+    let calls: Vec<String> = ws
+        .calls()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        calls.iter().filter(|s| *s == "builder").count(),
+        1,
+        "{calls:?}"
+    );
+}

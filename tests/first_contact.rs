@@ -492,7 +492,7 @@ fn the_bridge_says_what_it_waits_for() {
     let worker = Worker::spawn(&broker.url, ws.path(), &[]);
     worker.wait_line(&["worker ready"], Duration::from_secs(10));
 
-    // The default transport, a workspace no worker serves: stored, waited for, said.
+    // A workspace no worker serves, waited for on purpose: stored, waited for, said.
     let mut request = request_json(
         "fc-unserved",
         "status",
@@ -502,7 +502,15 @@ fn the_bridge_says_what_it_waits_for() {
     request["workspace_ref"]["workspace_id"] = json!("nobody");
     let started = Instant::now();
     let out = run_ops(
-        &["ops", "--json", "--nats-url", &broker.url, "--timeout", "3"],
+        &[
+            "ops",
+            "--json",
+            "--nats-url",
+            &broker.url,
+            "--wait-for-worker",
+            "--timeout",
+            "3",
+        ],
         &request.to_string(),
         &[],
     );
@@ -510,7 +518,7 @@ fn the_bridge_says_what_it_waits_for() {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(
-        stderr.contains("millracer: waiting for a worker serving it to finish request fc-unserved for workspace id \"nobody\""),
+        stderr.contains("millracer: waiting for a worker to finish request fc-unserved for workspace id \"nobody\""),
         "{stderr}"
     );
     assert!(stderr.contains("--timeout"), "{stderr}");

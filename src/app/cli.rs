@@ -186,9 +186,10 @@ pub struct CommonOptions {
 /// How to reach NATS and prove who we are.
 #[derive(Debug, Clone, Args)]
 pub struct NatsOptions {
-    /// NATS server URL (default: the worker's `--config` `[nats] url`, else
-    /// nats://127.0.0.1:4222).
-    #[arg(long, env = "MILLRACER_NATS_URL", value_name = "URL")]
+    /// NATS server URL, or several separated by commas (servers of one cluster); the
+    /// servers a cluster advertises are followed too (default: the worker's `--config`
+    /// `[nats] url`, else nats://127.0.0.1:4222).
+    #[arg(long, env = "MILLRACER_NATS_URL", value_name = "URL[,URL...]")]
     pub nats_url: Option<String>,
     /// User name for NATS user/password authentication (with `--nats-password`; default: none).
     #[arg(long, env = "MILLRACER_NATS_USER")]
@@ -283,6 +284,12 @@ pub struct WorkerArgs {
     /// Used when this worker creates the consumers; progress acks come every third of it.
     #[arg(long, default_value_t = 30.0)]
     pub ack_wait_seconds: f64,
+    /// Replicas of the jobs and frames streams and the results bucket (3 on a 3-server
+    /// cluster). Used when they are created; an existing stream with other replicas is
+    /// scaled when the server allows it, else the log says how. Default: 1 for new
+    /// streams, existing ones left as they are.
+    #[arg(long, env = "MILLRACER_STREAM_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: Option<u8>,
     /// Safety net for the status snapshot: refreshed in the background at least this
     /// often even when nothing was seen to change. The snapshot is otherwise refreshed
     /// the moment the runtime's files change or its daemon ends, and no request ever

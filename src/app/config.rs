@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [nats]
-//! url = "nats://127.0.0.1:4222"
+//! url = "nats://127.0.0.1:4222"  # or several, comma-separated: "nats://a:4222,nats://b:4222"
+//! stream_replicas = 3            # replicas of the streams and bucket (--stream-replicas wins)
 //!
 //! [worker]
 //! host_id = "build-1"        # default: the host name (see docs/bus-naming.md)
@@ -119,6 +120,9 @@ pub struct NatsSection {
     pub creds: Option<PathBuf>,
     /// The worker's reply inbox prefix (`--inbox-prefix` wins).
     pub inbox_prefix: Option<String>,
+    /// Replicas of the jobs and frames streams and the results bucket
+    /// (`--stream-replicas` wins).
+    pub stream_replicas: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -485,6 +485,11 @@ async fn served(
     link: &Link,
 ) -> Result<Option<bool>, BusError> {
     let host = link.host()?;
+    if !client.server_info().jetstream {
+        // A broker without JetStream has no registry: only core-only workers serve there,
+        // and request/reply finds them (no responders: exit 3).
+        return Ok(None);
+    }
     let js = async_nats::jetstream::new(client.clone());
     let target = target(request, &link.workspace, &host);
     // One workspace's entries only when the id is known (what a role scoped to that
@@ -791,14 +796,58 @@ async fn jetstream_parts(
             "no worker on {url} takes durable requests ({what}: {err})"
         ))
     };
-    js.get_stream(subjects::JOBS_STREAM)
-        .await
-        .map_err(|e| missing(subjects::JOBS_STREAM, e.to_string()))?;
-    let kv = js
-        .get_key_value(subjects::RESULTS_BUCKET)
-        .await
-        .map_err(|e| missing(subjects::RESULTS_BUCKET, e.to_string()))?;
-    Ok((js, kv))
+    // A cluster electing new leaders (a server died, a stream was just created) answers
+    // with timeouts or "no responders" for a few seconds: that is not "no worker". Only a
+    // stream or bucket that does not exist is.
+    let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
+    loop {
+        let parts = async {
+            js.get_stream(subjects::JOBS_STREAM)
+                .await
+                .map_err(|e| (subjects::JOBS_STREAM, e.to_string()))?;
+            js.get_key_value(subjects::RESULTS_BUCKET)
+                .await
+                .map_err(|e| (subjects::RESULTS_BUCKET, e.to_string()))
+        };
+        match parts.await {
+            Ok(kv) => return Ok((js, kv)),
+            Err((what, err)) if transient(&err) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%err, what, "JetStream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err((what, err)) => return Err(missing(what, err)),
+        }
+    }
+}
+
+/// How long the bridge waits for a JetStream that answers with transient errors.
+const JETSTREAM_PATIENCE: Duration = Duration::from_secs(30);
+
+/// An error of a cluster in failover (or a broker restarting), not of a missing stream.
+fn transient(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    error.contains("timed out")
+        || error.contains("no responders")
+        || error.contains("503")
+        || error.contains("temporarily unavailable")
+        || error.contains("no stream found for given subject")
+}
+
+/// [`durable::read_record`], retried while JetStream answers with transient errors.
+async fn read_record_patiently(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<durable::JobRecord>, String> {
+    let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
+    loop {
+        match durable::read_record(kv, key).await {
+            Err(err) if transient(&err) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%err, "cannot read the results bucket yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Durable submission: the stored result when there is one; otherwise the request is
@@ -820,7 +869,7 @@ async fn via_durable(
     let key = subjects::result_key(workspace, &request.request_id);
     // Subscribed before anything is published or read, so no write is missed.
     let writes = watch_result(&client, &key).await;
-    if let Some(record) = durable::read_record(&kv, &key)
+    if let Some(record) = read_record_patiently(&kv, &key)
         .await
         .map_err(|e| BusError::Failed(format!("cannot read the results bucket: {e}")))?
         && record.is_done()

@@ -154,6 +154,19 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         endpoints.push(info);
     }
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
+    let replicas = durable::Replicas {
+        wanted: args
+            .stream_replicas
+            .or_else(|| file.as_ref().and_then(|f| f.nats.stream_replicas))
+            .map(usize::from),
+    };
+    if let Some(n) = replicas.wanted
+        && !(1..=5).contains(&n)
+    {
+        anyhow::bail!(
+            "[nats] stream_replicas must be 1 to 5 (JetStream keeps at most 5 copies), not {n}"
+        );
+    }
     let served: Vec<String> = registry.records().map(|r| r.id.clone()).collect();
     // A ready file left by a worker that crashed must not say "ready" for this one.
     let mut ready_file = ReadyFile::new(args.ready_file.clone())?;
@@ -261,7 +274,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         broker::check_account(&js, &info, &url, JETSTREAM_PATIENCE)
             .await
             .map_err(refuse)?;
-        let (durable, store) = setup_durable(js, &client, &micro.id, retention, ack_wait)
+        let (durable, store) = setup_durable(js, &client, &micro.id, retention, replicas, ack_wait)
             .await
             .map_err(|message| {
                 refuse(Incompatible::JetStreamApi {
@@ -503,13 +516,14 @@ async fn setup_durable(
     client: &async_nats::Client,
     owner: &str,
     retention: std::time::Duration,
+    replicas: durable::Replicas,
     ack_wait: std::time::Duration,
 ) -> Result<DurableSide, String> {
     let deadline = std::time::Instant::now() + JETSTREAM_PATIENCE;
     let mut warned = false;
     loop {
         let attempt = async {
-            let kv = durable::ensure(&js, retention).await?;
+            let kv = durable::ensure(&js, retention, replicas).await?;
             let store = registry::ensure(&js).await?;
             Ok::<_, durable::DurableError>((kv, store))
         };

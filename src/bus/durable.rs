@@ -35,6 +35,7 @@ use crate::actions::binding::Bound;
 use crate::bus::subjects::{self, JobClass};
 use crate::bus::trace;
 use crate::contract::vocab::EventType;
+use crate::contract::progress::Checkpoint;
 use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
 use crate::engine::frames::ReplyTo;
 use crate::engine::service::{Engine, SubmitHints};
@@ -106,6 +107,12 @@ pub struct JobRecord {
     pub owner: String,
     pub workspace: Option<String>,
     pub work_item: Option<WorkItemRef>,
+    /// The intake document the run wrote and is about to queue, stored before
+    /// `queue add`: a worker taking over a record with `intake` and no `work_item` looks
+    /// for that id in the runtime before queuing it (it may have been queued just before
+    /// the previous owner died).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intake: Option<WorkItemRef>,
     pub daemon_pid: Option<u32>,
     /// The final OpsResult, once done.
     pub result: Option<Value>,
@@ -129,11 +136,28 @@ impl JobRecord {
     }
 }
 
+/// How many copies of the streams and the bucket a cluster keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Replicas {
+    /// The replicas asked for (`--stream-replicas`); `None`: 1 for what is created, and
+    /// what exists is left as it is.
+    pub wanted: Option<usize>,
+}
+
+impl Replicas {
+    fn for_new(self) -> usize {
+        self.wanted.unwrap_or(1).max(1)
+    }
+}
+
 /// Creates (or finds) the streams and the bucket. Idempotent; a stream that exists keeps
-/// its configuration (an operator may have tuned it).
+/// its configuration (an operator may have tuned it), except its replicas when
+/// `replicas.wanted` differs: then the stream is scaled (a clustered server allows it), or
+/// the log says how to do it by hand.
 pub async fn ensure(
     js: &jetstream::Context,
     retention: Duration,
+    replicas: Replicas,
 ) -> Result<kv::Store, DurableError> {
     js.get_or_create_stream(jetstream::stream::Config {
         name: subjects::JOBS_STREAM.to_string(),
@@ -146,6 +170,7 @@ pub async fn ensure(
         max_messages_per_subject: JOBS_MAX_PER_SUBJECT,
         discard: DiscardPolicy::New,
         discard_new_per_subject: true,
+        num_replicas: replicas.for_new(),
         ..Default::default()
     })
     .await
@@ -159,17 +184,71 @@ pub async fn ensure(
         max_age: FRAMES_MAX_AGE,
         max_bytes: FRAMES_MAX_BYTES,
         discard: DiscardPolicy::Old,
+        num_replicas: replicas.for_new(),
         ..Default::default()
     })
     .await
     .map_err(|e| setup(subjects::FRAMES_STREAM)(e.to_string()))?;
-    results_bucket(js, retention).await
+    let kv = results_bucket(js, retention, replicas).await?;
+    if let Some(wanted) = replicas.wanted {
+        for stream in [
+            subjects::JOBS_STREAM.to_string(),
+            subjects::FRAMES_STREAM.to_string(),
+            format!("KV_{}", subjects::RESULTS_BUCKET),
+        ] {
+            scale(js, &stream, wanted).await;
+        }
+    }
+    Ok(kv)
+}
+
+/// Moves an existing stream to `wanted` replicas (R1 to R3 after a broker became a
+/// cluster). The server refuses when it cannot (a single server, too few peers): then the
+/// worker goes on with what there is and the log says how to do it later.
+async fn scale(js: &jetstream::Context, name: &str, wanted: usize) {
+    let wanted = wanted.max(1);
+    let mut stream = match js.get_stream(name).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::warn!(%err, stream = name, "cannot read the stream to check its replicas");
+            return;
+        }
+    };
+    let config = match stream.info().await {
+        Ok(info) => info.config.clone(),
+        Err(err) => {
+            tracing::warn!(%err, stream = name, "cannot read the stream to check its replicas");
+            return;
+        }
+    };
+    let found = config.num_replicas.max(1);
+    if found == wanted {
+        return;
+    }
+    let mut scaled = config;
+    scaled.num_replicas = wanted;
+    match js.update_stream(scaled).await {
+        Ok(_) => tracing::info!(
+            stream = name,
+            from = found,
+            to = wanted,
+            "stream replicas changed"
+        ),
+        Err(err) => tracing::warn!(
+            %err,
+            stream = name,
+            replicas = found,
+            wanted,
+            "the stream keeps {found} replica(s): the server refused to change it; once the cluster has {wanted} JetStream servers, run `nats stream edit {name} --replicas {wanted}` (or restart a worker with --stream-replicas {wanted})"
+        ),
+    }
 }
 
 /// The results bucket, created when missing.
 pub async fn results_bucket(
     js: &jetstream::Context,
     retention: Duration,
+    replicas: Replicas,
 ) -> Result<kv::Store, DurableError> {
     if let Ok(store) = js.get_key_value(subjects::RESULTS_BUCKET).await {
         return Ok(store);
@@ -180,6 +259,7 @@ pub async fn results_bucket(
         history: 1,
         max_age: retention,
         storage: StorageType::File,
+        num_replicas: replicas.for_new(),
         ..Default::default()
     })
     .await
@@ -522,7 +602,9 @@ impl Durable {
         let key = subjects::result_key(bound.workspace(), &request.request_id);
         let workspace = engine.service().plan(&request).workspace_id;
         let frames_subject = subjects::frames(workspace.as_deref(), &request.request_id);
-        let claim = self.claim(&key, workspace.clone(), delivered).await;
+        let claim = self
+            .claim_through_outage(&key, workspace.clone(), delivered, &message)
+            .await;
         let mut hints = submit_hints();
         match claim {
             Ok(Claim::New) => {}
@@ -539,9 +621,11 @@ impl Durable {
                 hints.resume = Some(Resume {
                     work_item: previous.work_item.clone(),
                     daemon_pid: previous.daemon_pid,
+                    intake: previous.intake.clone(),
                 });
                 let mut record = self.running(workspace.clone());
                 record.work_item = previous.work_item;
+                record.intake = previous.intake;
                 record.daemon_pid = previous.daemon_pid;
                 self.remember(&key, record, None);
             }
@@ -555,6 +639,10 @@ impl Durable {
                 return;
             }
         }
+        hints.checkpoint = Some(Arc::new(IntentCheckpoint {
+            durable: self.clone(),
+            key: key.clone(),
+        }));
         let progress = CancellationToken::new();
         self.tracker.spawn(progress_acks(
             message.clone(),
@@ -578,6 +666,7 @@ impl Durable {
             owner: self.owner.clone(),
             workspace,
             work_item: None,
+            intake: None,
             daemon_pid: None,
             result: None,
             last_sequence: None,
@@ -590,6 +679,34 @@ impl Durable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.to_string(), (record, pending_path));
+    }
+
+    /// [`Durable::claim`], retried while the bucket is unreachable (a cluster electing a
+    /// new leader after a server died, a broker restarting), with progress acks so the
+    /// request stays this worker's: handing it back (a nak) would spend one of its
+    /// [`MAX_DELIVER`] deliveries per attempt, and a failover longer than a few seconds
+    /// would drop it. Gives up after [`CLAIM_PATIENCE`].
+    async fn claim_through_outage(
+        &self,
+        key: &str,
+        workspace: Option<String>,
+        delivered: i64,
+        message: &jetstream::Message,
+    ) -> Result<Claim, String> {
+        let deadline = std::time::Instant::now() + CLAIM_PATIENCE;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.claim(key, workspace.clone(), delivered).await {
+                Ok(claim) => return Ok(claim),
+                Err(err) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(%err, key, "cannot claim a request yet; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     async fn claim(
@@ -708,7 +825,7 @@ impl Durable {
                     *pending_path = text("path");
                     false
                 }
-                Some(EventType::RuntimeWorkItemQueued) => {
+                Some(EventType::RuntimeWorkItemQueued | EventType::RuntimeResumed) => {
                     match (
                         text("work_item_id"),
                         text("path").or_else(|| pending_path.clone()),
@@ -836,6 +953,11 @@ impl Durable {
     /// Writes the in-memory record to the bucket, retrying through a broker outage (for
     /// up to ten minutes: a stored final result is what makes a redelivery harmless).
     async fn write(&self, key: &str, last: bool) {
+        self.write_within(key, last, Duration::from_secs(600)).await;
+    }
+
+    /// [`Durable::write`] giving up after `patience`; whether the record was stored.
+    async fn write_within(&self, key: &str, last: bool, patience: Duration) -> bool {
         let _one_at_a_time = self.writes.lock().await;
         let Some(mut record) = self
             .records
@@ -844,21 +966,25 @@ impl Durable {
             .get(key)
             .map(|(r, _)| r.clone())
         else {
-            return;
+            return false;
         };
         if record.is_done() && !last {
-            return;
+            return false;
         }
         record.updated_at = time::now();
         let Ok(body) = serde_json::to_vec(&record) else {
-            return;
+            return false;
         };
         let body = Bytes::from(body);
-        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        let deadline = std::time::Instant::now() + patience;
         let mut delay = Duration::from_millis(100);
+        let mut stored = false;
         loop {
             match self.kv.put(key, body.clone()).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    stored = true;
+                    break;
+                }
                 Err(err) if std::time::Instant::now() < deadline => {
                     tracing::warn!(%err, key, "cannot store a request's state; retrying");
                     tokio::time::sleep(delay).await;
@@ -876,6 +1002,78 @@ impl Durable {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(key);
         }
+        stored
+    }
+
+    /// Stores the intake document a run is about to queue (see [`JobRecord::intake`]).
+    async fn record_intent(&self, key: &str, item: WorkItemRef) -> Result<(), String> {
+        {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((record, _)) = records.get_mut(key) else {
+                return Err(format!("no running record {key}"));
+            };
+            record.intake = Some(item);
+        }
+        if self.write_within(key, false, INTENT_PATIENCE).await {
+            Ok(())
+        } else {
+            Err(format!(
+                "the results bucket did not take the intent within {INTENT_PATIENCE:?}"
+            ))
+        }
+    }
+}
+
+/// How long a delivered request waits for the results bucket before it is handed back.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How long a run waits for its intent to be stored before it queues anyway (a broker
+/// outage longer than this: the run goes on, and only a crash in the next instants could
+/// queue the work twice).
+const INTENT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// One durable request's [`Checkpoint`]: stores the intake document a run is about to
+/// queue in the request's record before `queue add`.
+struct IntentCheckpoint {
+    durable: Arc<Durable>,
+    key: String,
+}
+
+impl std::fmt::Debug for IntentCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntentCheckpoint")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Checkpoint for IntentCheckpoint {
+    fn record<'a>(
+        &'a self,
+        event_type: &'a str,
+        payload: &'a serde_json::Map<String, Value>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if event_type != "runtime.intake_written" {
+                return Ok(());
+            }
+            let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_string);
+            let (Some(id), Some(path), Some(kind)) =
+                (text("work_item_id"), text("path"), text("intake_kind"))
+            else {
+                return Err("the intake frame names no document".to_string());
+            };
+            self.durable
+                .record_intent(
+                    &self.key,
+                    WorkItemRef {
+                        id,
+                        path: path.into(),
+                        kind,
+                    },
+                )
+                .await
+        })
     }
 }
 

@@ -49,6 +49,10 @@ pub enum ConnectError {
     InboxPrefix(String),
     #[error("cannot connect to NATS at {url}: {message}")]
     Connect { url: String, message: String },
+    #[error(
+        "invalid NATS server list {0:?}: give one URL or several separated by commas (e.g. nats://a:4222,nats://b:4222)"
+    )]
+    Servers(String),
 }
 
 /// How eagerly to connect.
@@ -69,8 +73,34 @@ pub fn url(options: &Credentials, config_url: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
 }
 
+/// The servers of a URL list: one URL or several separated by commas, as the NATS tools
+/// take them (`nats://a:4222,nats://b:4222`). Empty entries and unparsable URLs are
+/// refused, so a typo never silently drops a server.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+    let servers: Result<Vec<_>, _> = url
+        .split(',')
+        .map(str::trim)
+        .map(|one| {
+            if one.is_empty() {
+                Err(ConnectError::Servers(url.to_string()))
+            } else {
+                one.parse::<async_nats::ServerAddr>()
+                    .map_err(|_| ConnectError::Servers(url.to_string()))
+            }
+        })
+        .collect();
+    servers
+}
+
 /// Connects with the configured credentials. Reconnects are automatic and unlimited,
 /// with jitter so a fleet of workers does not hammer a restarted broker in step.
+///
+/// `url` may list several servers (comma-separated). The client starts with a random one
+/// of them, and also follows the servers the cluster advertises (async-nats adds those
+/// from each server's INFO unless `ignore_discovered_servers` is set, and shuffles the list
+/// unless `retain_servers_order` is set): we keep both defaults, so a worker given one
+/// seed server of a cluster still moves to another member when its server dies, and a
+/// fleet spreads over the cluster instead of piling onto the first URL.
 pub async fn connect(
     options: &Credentials,
     url: &str,
@@ -144,12 +174,13 @@ pub async fn connect(
         }
         connect = connect.custom_inbox_prefix(prefix.clone());
     }
+    let servers = server_addrs(url)?;
     connect = match patience {
         Patience::Once(timeout) => connect.connection_timeout(timeout),
         Patience::Retry => connect.retry_on_initial_connect(),
     };
     connect
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|e| ConnectError::Connect {
             url: url.to_string(),
@@ -404,7 +435,7 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
-    use super::plain_cause;
+    use super::*;
 
     #[test]
     fn connect_causes_read_plainly() {
@@ -414,5 +445,20 @@ mod tests {
         );
         assert_eq!(plain_cause("timed out"), "timed out");
         assert_eq!(plain_cause(""), "no answer");
+    }
+
+    #[test]
+    fn server_lists_split_on_commas_and_refuse_empty_entries() {
+        let one = server_addrs("nats://127.0.0.1:4222").expect("one");
+        assert_eq!(one.len(), 1);
+        let three = server_addrs("nats://a:1, nats://b:2,nats://c:3").expect("three");
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[1].host(), "b");
+        for bad in ["", "nats://a:1,", ",nats://a:1", "nats://a:1,,nats://b:2"] {
+            assert!(
+                matches!(server_addrs(bad), Err(ConnectError::Servers(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -42,6 +42,19 @@ impl std::fmt::Debug for Tap {
     }
 }
 
+/// What a run must have stored durably before it goes on: called with the frame a step
+/// emitted (its event type and payload) and awaited. A delegated run records its intent
+/// this way (the intake document it is about to queue) before `queue add`, so a worker
+/// taking the request over after a crash in between finds the document in the runtime
+/// instead of queuing the work again. The durable intake provides one per request.
+pub trait Checkpoint: Send + Sync + std::fmt::Debug {
+    fn record<'a>(
+        &'a self,
+        event_type: &'a str,
+        payload: &'a Map<String, Value>,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+}
+
 /// Emits the frames of one request, numbered 1, 2, 3 … without gaps. Numbering and
 /// sending happen under one lock so frames leave in sequence order even when emitted
 /// from several tasks.
@@ -52,6 +65,7 @@ pub struct Progress {
     out: FrameSink,
     trace: Arc<TraceContext>,
     tap: Mutex<Option<Tap>>,
+    checkpoint: Mutex<Option<Arc<dyn Checkpoint>>>,
 }
 
 impl Progress {
@@ -99,6 +113,30 @@ impl Progress {
             out: Box::new(out),
             trace: Arc::new(trace),
             tap: Mutex::new(None),
+            checkpoint: Mutex::new(None),
+        }
+    }
+
+    /// Where [`Progress::checkpoint`] stores what must survive this worker.
+    pub fn set_checkpoint(&self, checkpoint: Arc<dyn Checkpoint>) {
+        *self.checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkpoint);
+    }
+
+    /// Stores a step durably before the run goes on (see [`Checkpoint`]); without a
+    /// durable store (in process, core request/reply) there is nothing to do.
+    pub async fn checkpoint(
+        &self,
+        event_type: &str,
+        payload: &Map<String, Value>,
+    ) -> Result<(), String> {
+        let checkpoint = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match checkpoint {
+            Some(checkpoint) => checkpoint.record(event_type, payload).await,
+            None => Ok(()),
         }
     }
 

@@ -54,6 +54,8 @@ pub struct SubmitHints {
     pub last_sequence: u64,
     /// What the subject the request arrived on binds; `None` in process (no subject).
     pub bound: Option<Bound>,
+    /// Where the request's run stores its intent before queuing work (durable intake).
+    pub checkpoint: Option<Arc<dyn crate::contract::progress::Checkpoint>>,
 }
 
 struct Job {
@@ -204,6 +206,9 @@ impl Engine {
             trace::context_of(&span),
             hints.last_sequence,
         );
+        if let Some(checkpoint) = &hints.checkpoint {
+            progress.set_checkpoint(checkpoint.clone());
+        }
         progress.info(
             EventType::RequestAccepted,
             "Request accepted.",

@@ -53,15 +53,35 @@ pub struct WorkItemRef {
 pub struct Resume {
     pub work_item: Option<WorkItemRef>,
     pub daemon_pid: Option<u32>,
+    /// The intake document the previous owner wrote and meant to queue, recorded before
+    /// `queue add`; whether it got queued is for the runtime to say.
+    pub intake: Option<WorkItemRef>,
 }
 
 impl Resume {
     fn document(&self) -> Option<IntakeDocument> {
-        let item = self.work_item.as_ref()?;
+        self.work_item.as_ref().and_then(WorkItemRef::document)
+    }
+
+    /// The previous owner's intended document, when it recorded one but not its queuing
+    /// (and the file is still there).
+    fn intended(&self) -> Option<IntakeDocument> {
+        if self.work_item.is_some() {
+            return None;
+        }
+        self.intake
+            .as_ref()
+            .and_then(WorkItemRef::document)
+            .filter(|doc| doc.path.is_file())
+    }
+}
+
+impl WorkItemRef {
+    fn document(&self) -> Option<IntakeDocument> {
         Some(IntakeDocument {
-            id: item.id.clone(),
-            path: item.path.clone(),
-            kind: IntakeKind::parse(&item.kind)?,
+            id: self.id.clone(),
+            path: self.path.clone(),
+            kind: IntakeKind::parse(&self.kind)?,
         })
     }
 }
@@ -136,7 +156,14 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         )
         .await?;
 
-    let resumed = plan.resume.and_then(Resume::document);
+    // A run left by a worker that died: its queued item, or the document it meant to
+    // queue. The runtime's records say whether that queuing happened (the worker may have
+    // died between `queue add` and storing that it had queued).
+    let mut resumed = plan.resume.and_then(Resume::document);
+    let mut intended = plan.resume.and_then(Resume::intended);
+    if let Some(doc) = intended.take_if(|doc| records::queued(ws, &doc.id, doc.kind.as_str())) {
+        resumed = Some(doc);
+    }
     if let Some(doc) = &resumed {
         progress.info(
             EventType::RuntimeResumed,
@@ -145,16 +172,19 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
                 doc.kind.as_str(),
                 doc.id
             ),
-            payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string(), "daemon_pid" => plan.resume.and_then(|r| r.daemon_pid)},
+            payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string(), "intake_kind" => doc.kind.as_str(), "daemon_pid" => plan.resume.and_then(|r| r.daemon_pid)},
         );
     }
 
     // A re-sent scoped item is not queued twice; one with failure evidence is blocked.
-    let existing = match &resumed {
-        Some(doc) => Some(doc.clone()),
-        None => plan.scoped.and_then(|item| intake::find_scoped(ws, item)),
+    let existing = match (&resumed, &intended) {
+        (Some(doc), _) | (None, Some(doc)) => Some(doc.clone()),
+        (None, None) => plan.scoped.and_then(|item| intake::find_scoped(ws, item)),
     };
-    if let Some(doc) = existing.as_ref().filter(|_| resumed.is_none()) {
+    if let Some(doc) = existing
+        .as_ref()
+        .filter(|_| resumed.is_none() && intended.is_none())
+    {
         let status = plan.millrace.status(ws, plan.cwd).await?;
         let failure = status
             .get("current_failure_class")
@@ -208,7 +238,21 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
     // A reused document is queued again only when the runtime has no card for it (an
     // earlier attempt wrote it but never queued it); an idea's id is not a card id, so a
     // reused idea is never queued twice. A resumed request's item is already queued.
+    // A document the previous owner meant to queue and the runtime does not know is
+    // queued now (`intended` was checked above).
     let (document, queue_it) = match existing {
+        Some(doc) if intended.is_some() => {
+            progress.info(
+                "runtime.intake_reused",
+                format!(
+                    "{} {} was written by a worker that stopped before queuing it; queuing it now.",
+                    doc.kind.as_str(),
+                    doc.id
+                ),
+                payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string()},
+            );
+            (doc, true)
+        }
         Some(doc) => {
             let unknown = resumed.is_none()
                 && doc.kind != IntakeKind::Idea
@@ -218,11 +262,20 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         None => {
             let doc = intake::write(ws, plan.kind, plan.task, plan.scoped, chrono::Utc::now())
                 .map_err(|e| DelegationError::Intake(e.to_string()))?;
+            let written = payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()};
             progress.info(
                 EventType::RuntimeIntakeWritten,
                 format!("Intake document written: {}.", doc.path.display()),
-                payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
+                written.clone(),
             );
+            // The intent is stored before `queue add`: a worker taking over after a crash
+            // right after queuing finds this id in the runtime rather than queuing again.
+            if let Err(err) = progress
+                .checkpoint("runtime.intake_written", &written)
+                .await
+            {
+                tracing::warn!(%err, work_item_id = %doc.id, "cannot record the intent to queue; queuing anyway");
+            }
             (doc, true)
         }
     };

@@ -150,6 +150,64 @@ pub fn lifecycle(workspace: &Path, work_item_id: &str) -> Option<Lifecycle> {
     None
 }
 
+/// Whether the runtime already knows a work item by this id: its card in a lifecycle
+/// folder; for an idea (whose id is not a card id), the idea file in the ideas intake
+/// folders or its normalisation in the event log; or a `queue add` still waiting in the
+/// mailbox for a running daemon. Used before queuing a document a worker that died may
+/// have queued already.
+pub fn queued(workspace: &Path, work_item_id: &str, kind: &str) -> bool {
+    if lifecycle(workspace, work_item_id).is_some() {
+        return true;
+    }
+    let agents = agents_dir(workspace);
+    let file_name = format!("{work_item_id}.md");
+    if kind == "idea" {
+        let ideas = agents.join("intake").join("ideas");
+        if any_file(&ideas, 3, &mut |path| {
+            path.file_name().is_some_and(|n| *n == *file_name)
+        }) {
+            return true;
+        }
+        let mut tail = EventTail::from_start(workspace);
+        let normalised = tail.read_new().iter().any(|event| {
+            event.event_type == "idea_normalized_to_spec"
+                && event
+                    .str("idea_path")
+                    .and_then(|p| Path::new(p).file_stem())
+                    .is_some_and(|stem| stem == work_item_id)
+        });
+        if normalised {
+            return true;
+        }
+    }
+    // A daemon that runs takes `queue add` through its mailbox: the command file names
+    // the document.
+    any_file(&agents.join("mailbox"), 3, &mut |path| {
+        std::fs::read_to_string(path).is_ok_and(|text| text.contains(work_item_id))
+    })
+}
+
+/// Whether a file under `dir` (at most `depth` levels down) satisfies `check`.
+fn any_file(dir: &Path, depth: u32, check: &mut dyn FnMut(&Path) -> bool) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if depth > 0 && any_file(&path, depth - 1, check) {
+                return true;
+            }
+        } else if kind.is_file() && check(&path) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The arbiter's closure record for a root spec, when one exists.
 pub fn arbiter_target(
     workspace: &Path,
@@ -170,6 +228,28 @@ pub fn arbiter_target(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn queued_finds_cards_ideas_and_mailbox_commands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ws = dir.path();
+        assert!(!queued(ws, "task-1", "task"));
+        let queue = agents_dir(ws).join("tasks").join("queue");
+        std::fs::create_dir_all(&queue).expect("mkdir");
+        std::fs::write(queue.join("task-1.md"), "card").expect("card");
+        assert!(queued(ws, "task-1", "task"));
+        assert!(!queued(ws, "task-10", "task"));
+        let inbox = agents_dir(ws).join("intake").join("ideas").join("inbox");
+        std::fs::create_dir_all(&inbox).expect("mkdir");
+        std::fs::write(inbox.join("idea-2.md"), "idea").expect("idea");
+        assert!(queued(ws, "idea-2", "idea"));
+        assert!(!queued(ws, "idea-3", "idea"));
+        let mailbox = agents_dir(ws).join("mailbox").join("incoming");
+        std::fs::create_dir_all(&mailbox).expect("mkdir");
+        std::fs::write(mailbox.join("cmd.json"), "{\"source_name\":\"idea-3.md\"}")
+            .expect("command");
+        assert!(queued(ws, "idea-3", "idea"));
+    }
 
     #[test]
     fn tail_reads_only_complete_new_lines() {

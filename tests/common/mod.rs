@@ -17,6 +17,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 // The JSON Schema helpers live in the sibling file `schemas.rs`:
+pub mod cluster;
 pub mod pi;
 pub mod schemas;
 pub mod stand_in;
