@@ -252,7 +252,8 @@ pub struct WorkerArgs {
     /// A workspace to serve: `PATH`, or `ID=PATH` (repeatable). A single unnamed one
     /// gets the id `<dir-slug>-<8 hex>` derived from the host id and its path (see
     /// docs/bus-naming.md), so unnamed workspaces of two operators never share an id. Each
-    /// must have been made by `millrace init --workspace PATH`.
+    /// must have been made by `millrace init --workspace PATH` (default: none; give at
+    /// least one here or in --config).
     #[arg(long = "workspace", value_name = "[ID=]PATH")]
     pub workspaces: Vec<String>,
     /// A TOML file listing workspaces (and optionally `[nats] url`; default: none).
@@ -286,8 +287,8 @@ pub struct WorkerArgs {
     pub ack_wait_seconds: f64,
     /// Replicas of the jobs and frames streams and the results bucket (3 on a 3-server
     /// cluster). Used when they are created; an existing stream with other replicas is
-    /// scaled when the server allows it, else the log says how. Default: 1 for new
-    /// streams, existing ones left as they are.
+    /// scaled when the server allows it, else the log says how (default: 1 for new
+    /// streams, existing ones left as they are).
     #[arg(long, env = "MILLRACER_STREAM_REPLICAS", value_name = "N", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub stream_replicas: Option<u8>,
     /// Safety net for the status snapshot: refreshed in the background at least this

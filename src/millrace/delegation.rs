@@ -243,7 +243,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
     let (document, queue_it) = match existing {
         Some(doc) if intended.is_some() => {
             progress.info(
-                "runtime.intake_reused",
+                EventType::RuntimeIntakeReused,
                 format!(
                     "{} {} was written by a worker that stopped before queuing it; queuing it now.",
                     doc.kind.as_str(),
