@@ -206,6 +206,7 @@ fn service(root: PathBuf, home: &std::path::Path) -> Service {
             notify_terminal_stages: false,
         },
         status_cache: None,
+        cancels: Default::default(),
     }
 }
 

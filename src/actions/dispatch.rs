@@ -20,6 +20,15 @@ pub enum Action {
     ListSessions,
     SelectWorkspace,
     InspectSession,
+    QueueStatus,
+    ShowWorkItem,
+    ListRuns,
+    ShowRun,
+    Diagnose,
+    Health,
+    Pause,
+    Resume,
+    Cancel,
     Unsupported,
 }
 
@@ -32,6 +41,15 @@ impl Action {
             "list_sessions" => Self::ListSessions,
             "select_workspace" => Self::SelectWorkspace,
             "inspect_session" => Self::InspectSession,
+            "queue_status" => Self::QueueStatus,
+            "show_work_item" => Self::ShowWorkItem,
+            "list_runs" => Self::ListRuns,
+            "show_run" => Self::ShowRun,
+            "diagnose" => Self::Diagnose,
+            "health" => Self::Health,
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "cancel" => Self::Cancel,
             _ => Self::Unsupported,
         }
     }
@@ -48,8 +66,18 @@ impl Action {
     }
 
     /// Actions that change state run one at a time per lane; the rest never wait.
+    /// `cancel` changes state too, but must never wait behind what it cancels.
     pub fn is_mutating(self) -> bool {
-        matches!(self, Self::Enqueue | Self::SelectWorkspace)
+        matches!(
+            self,
+            Self::Enqueue | Self::SelectWorkspace | Self::Pause | Self::Resume
+        )
+    }
+
+    /// Whether a running request of this action stops only when its handler notices the
+    /// cancellation (it cleans up after itself); others are simply dropped.
+    pub fn cancels_itself(self) -> bool {
+        matches!(self, Self::Enqueue)
     }
 }
 
@@ -99,6 +127,8 @@ pub struct Service {
     /// `direct`). A worker has one only when configured (`--pi-runner`, `[pi]`); the
     /// in-process bridge builds one from the common options, as the reference does.
     pub pi: Option<crate::agent::pi::PiRunner>,
+    /// The requests of this process that can be cancelled (see [`actions::cancel`]).
+    pub cancels: actions::cancel::Cancels,
 }
 
 /// What the engine needs to know before running a request: decided synchronously, on
@@ -179,6 +209,7 @@ impl Service {
         started_at: String,
         progress: &Progress,
         resume: Option<&crate::millrace::delegation::Resume>,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> OpsResult {
         if let Some(refusal) = &plan.refusal {
             return OpsResult::failure(
@@ -196,6 +227,7 @@ impl Service {
             started_at,
             progress,
             resume,
+            cancel,
         };
         match plan.action {
             Action::Status => actions::status::run(cx).await,
@@ -204,6 +236,15 @@ impl Service {
             Action::ListSessions => actions::list_sessions::run(cx),
             Action::SelectWorkspace => actions::select_workspace::run(cx),
             Action::InspectSession => actions::inspect_session::run(cx),
+            Action::QueueStatus => actions::queue_status::run(cx).await,
+            Action::ShowWorkItem => actions::show_work_item::run(cx).await,
+            Action::ListRuns => actions::list_runs::run(cx).await,
+            Action::ShowRun => actions::show_run::run(cx).await,
+            Action::Diagnose => actions::diagnose::run(cx).await,
+            Action::Health => actions::health::run(cx).await,
+            Action::Pause => actions::pause::run(cx).await,
+            Action::Resume => actions::resume::run(cx).await,
+            Action::Cancel => actions::cancel::run(cx).await,
             Action::Unsupported => actions::unsupported::run(cx),
         }
     }

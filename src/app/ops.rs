@@ -331,6 +331,7 @@ pub fn local_service(
         settings: common.settings(),
         status_cache: None,
         pi: Some(pi),
+        cancels: Default::default(),
     })
 }
 

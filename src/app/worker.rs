@@ -96,6 +96,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         status_cache: Some(crate::millrace::status::StatusCache::new(
             crate::app::cli::secs(args.status_max_age_seconds),
         )),
+        cancels: Default::default(),
     };
     let options = EngineOptions {
         max_request_bytes: args.max_request_bytes,

@@ -36,6 +36,9 @@ pub struct Plan<'a> {
     /// Set when another worker started this request and died: its work item is already
     /// queued (and maybe its daemon still runs), so nothing is written or queued again.
     pub resume: Option<&'a Resume>,
+    /// Fires when the request is cancelled: the run stops its daemon and cancels its
+    /// work item in the runtime (see [`cancel_run`]).
+    pub cancel: Option<&'a tokio_util::sync::CancellationToken>,
 }
 
 /// A work item a request queued, as recorded in the result store so another worker can
@@ -97,6 +100,12 @@ pub enum DelegationError {
     Intake(String),
     #[error("timed out waiting for Millrace daemon event in {0}")]
     Timeout(String),
+    /// A `cancel` stopped the run; the work item (if one was queued) is cancelled.
+    #[error("{detail}")]
+    Cancelled {
+        work_item_id: Option<String>,
+        detail: String,
+    },
 }
 
 impl DelegationError {
@@ -105,6 +114,7 @@ impl DelegationError {
             Self::Runtime(e) => e.code(),
             Self::Intake(_) => "intake_failed",
             Self::Timeout(_) => "daemon_timeout",
+            Self::Cancelled { .. } => "cancelled",
         }
     }
 }
@@ -114,6 +124,14 @@ impl DelegationError {
 const BACKSTOP: Duration = Duration::from_secs(5);
 
 pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, DelegationError> {
+    let never = tokio_util::sync::CancellationToken::new();
+    let cancel = plan.cancel.unwrap_or(&never);
+    if cancel.is_cancelled() {
+        return Err(DelegationError::Cancelled {
+            work_item_id: None,
+            detail: "The request was cancelled before anything was queued.".into(),
+        });
+    }
     let ws = plan.workspace;
     let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
     let ws_arg = ws.as_os_str().to_owned();
@@ -297,6 +315,9 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         tokio::select! {
             _ = wake.recv() => {}
             _ = tokio::time::sleep(BACKSTOP.min(deadline - now)) => {}
+            () = cancel.cancelled() => {
+                return Err(cancel_run(plan, &mut daemon, &document.id, &mut tail, &mut tracker, progress).await);
+            }
             code = daemon.wait() => {
                 // Read what the daemon wrote before it ended.
                 if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
@@ -415,6 +436,67 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
         warnings,
         restarts,
     })
+}
+
+/// Stops a running delegated run at once: the daemon's process group is killed (the
+/// runtime defers `queue cancel` while a stage runs, and `control stop` waits for the
+/// stage to end), the work item left active is requeued (`control clear-stale-state`)
+/// and then cancelled in the runtime (`queue cancel`, which records it under
+/// `queue/cancelled/`), so no later stage runs it.
+async fn cancel_run(
+    plan: &Plan<'_>,
+    daemon: &mut Daemon,
+    work_item_id: &str,
+    tail: &mut EventTail,
+    tracker: &mut Tracker,
+    progress: &Progress,
+) -> DelegationError {
+    let ws = plan.workspace;
+    daemon.kill(Duration::from_secs(1)).await;
+    // What the runtime wrote before it was stopped, so the frames show the last stage.
+    let _ = drain(tail, tracker, progress);
+    progress.emit(
+        "runtime.daemon_stopped",
+        "warning",
+        "The Millrace daemon was stopped to cancel the request.",
+        payload! {"pid" => daemon.pid(), "cancelled" => true},
+    );
+    let clear: Vec<std::ffi::OsString> = vec![
+        "control".into(),
+        "clear-stale-state".into(),
+        "--workspace".into(),
+        ws.into(),
+    ];
+    if let Err(err) = plan.millrace.run_checked(&clear, plan.cwd).await {
+        tracing::warn!(%err, "clear-stale-state after cancel failed");
+    }
+    let reason = "cancelled through millracer";
+    let cancelled = plan
+        .millrace
+        .cancel_work_item(ws, plan.cwd, work_item_id, reason)
+        .await;
+    let (severity, message, applied) = match &cancelled {
+        Ok(answer) => (
+            "warning",
+            format!("Work item {work_item_id} cancelled in the Millrace runtime."),
+            answer.get("applied").cloned(),
+        ),
+        Err(err) => (
+            "error",
+            format!("The runtime did not cancel work item {work_item_id}: {err}"),
+            None,
+        ),
+    };
+    progress.emit(
+        "runtime.work_item_cancelled",
+        severity,
+        message.clone(),
+        payload! {"work_item_id" => work_item_id, "applied" => applied, "runtime" => cancelled.as_ref().ok()},
+    );
+    DelegationError::Cancelled {
+        work_item_id: Some(work_item_id.to_string()),
+        detail: format!("The request was cancelled; its daemon was stopped. {message}"),
+    }
 }
 
 fn drain(tail: &mut EventTail, tracker: &mut Tracker, progress: &Progress) -> Option<Verdict> {

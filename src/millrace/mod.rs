@@ -8,6 +8,7 @@
 pub mod command;
 pub mod daemon;
 pub mod delegation;
+pub mod health;
 pub mod intake;
 pub mod monitor;
 pub mod records;
