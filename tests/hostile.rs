@@ -121,6 +121,10 @@ const ACTIONS: &[&str] = &[
     "select_workspace",
     "inspect_session",
     "pause",
+    "cancel",
+    "health",
+    "show_work_item",
+    "reboot_host",
     "STATUS",
     "",
 ];
