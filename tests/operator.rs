@@ -644,3 +644,153 @@ fn cancel_of_a_running_delegated_request_a_waiting_one_a_finished_one_and_an_unk
         assert_eq!(c["errors"][0]["code"], "invalid_input", "{c:#}");
     });
 }
+
+/// Publishes a request to the jobs stream like an adapter.
+async fn publish_job(js: &async_nats::jetstream::Context, subject: String, request: &Value) {
+    let id = request["request_id"].as_str().expect("request_id");
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(request.to_string().into())
+        .message_id(id);
+    js.send_publish(subject, message)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+/// The stored record of a request once it is done.
+async fn wait_done(kv: &async_nats::jetstream::kv::Store, ws: &str, request_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(Some(bytes)) = kv.get(subjects::result_key(Some(ws), request_id)).await
+            && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
+            && record["state"] == "done"
+        {
+            return record;
+        }
+        assert!(Instant::now() < deadline, "no result for {request_id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn a_request_whose_worker_was_killed_is_cancelled_and_the_new_owner_does_not_resume_it() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 60}}));
+    let nats = NatsServer::start();
+    // Long enough that the cancel lands before JetStream hands the request on.
+    let ack = ["--ack-wait-seconds", "12"];
+    let mut first = Worker::spawn(&nats.url, &[("ws", ws.path())], &ack);
+    rt().block_on(async {
+        let client = nats.client().await;
+        first.wait_ready(&client).await;
+        let js = async_nats::jetstream::new(client.clone());
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("orphan-1"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        publish_job(
+            &js,
+            subjects::jobs_by_id("ws", subjects::JobClass::Change),
+            &enqueue("orphan-1", "ws", "Build the slow thing"),
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let item = loop {
+            let m = tokio::time::timeout(deadline - Instant::now(), frames.next())
+                .await
+                .expect("builder starts")
+                .expect("frames");
+            let f: Value = serde_json::from_slice(&m.payload).expect("frame");
+            if f["event_type"] == "runtime.stage_started" && f["payload"]["stage"] == "builder" {
+                break f["payload"]["work_item_id"]
+                    .as_str()
+                    .expect("item")
+                    .to_string();
+            }
+        };
+        first.sigkill();
+        let second = Worker::spawn_with(
+            &nats.url,
+            &[("ws", ws.path())],
+            &ack,
+            &[],
+            Some(first.home()),
+        );
+        second.wait_ready(&client).await;
+        let t0 = Instant::now();
+        let c = ask(
+            &client,
+            "ws",
+            &action(
+                "cancel-orphan",
+                "ws",
+                "cancel",
+                json!({"request_id": "orphan-1"}),
+            ),
+        )
+        .await;
+        assert_eq!(c["status"], "succeeded", "{c:#}\n{}", second.log());
+        assert_eq!(c["result"]["state"], "orphaned", "{c:#}");
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let record = wait_done(&kv, "ws", "orphan-1").await;
+        eprintln!(
+            "cancelled orphan answered {:?} after the cancel",
+            t0.elapsed()
+        );
+        assert_eq!(record["result"]["status"], "failed", "{record:#}");
+        assert_eq!(
+            record["result"]["errors"][0]["code"], "cancelled",
+            "{record:#}"
+        );
+        let stream = js
+            .get_stream(subjects::FRAMES_STREAM)
+            .await
+            .expect("frames stream");
+        let mut types = Vec::new();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                filter_subject: subjects::frames_of_request("orphan-1"),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut batch = consumer
+            .fetch()
+            .max_messages(500)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .expect("fetch");
+        while let Some(Ok(m)) = batch.next().await {
+            let f: Value = serde_json::from_slice(&m.payload).expect("frame");
+            types.push(f["event_type"].as_str().unwrap_or("").to_string());
+        }
+        assert!(
+            !types.contains(&"runtime.resumed".to_string()),
+            "never resumed: {types:?}"
+        );
+        assert!(
+            types.contains(&"runtime.not_resumed".to_string()),
+            "{types:?}"
+        );
+        assert!(
+            types.contains(&"runtime.work_item_cancelled".to_string()),
+            "{types:?}"
+        );
+        let shown = millrace(&["queue", "show", &item], ws.path());
+        assert!(
+            shown.contains("work_item_state: queue_cancelled"),
+            "{shown}"
+        );
+        let started: Vec<Value> = ws
+            .calls()
+            .into_iter()
+            .filter(|c| c["event"] == "started")
+            .collect();
+        assert_eq!(started.len(), 1, "only the first builder ran: {started:#?}");
+    });
+}

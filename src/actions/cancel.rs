@@ -16,9 +16,11 @@
 //! like any workspace action, and a request of another workspace is not found.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -66,11 +68,35 @@ struct Inner {
     reasons: HashMap<u64, String>,
 }
 
+/// What another worker (or the results store) said about a request this one does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteAnswer {
+    /// `waiting`, `running` (it was stopped), `finished`, or `orphaned` (its worker is
+    /// gone: marked cancelled so the worker taking it over stops it instead of resuming).
+    pub state: String,
+    #[serde(default)]
+    pub target_status: Option<String>,
+    #[serde(default)]
+    pub target_error: Option<String>,
+}
+
+/// Cancels on the other workers of a bus; set by a worker (the bus layer implements it).
+pub trait Remote: Send + Sync {
+    /// Asks whoever holds `request_id` of `workspace_id` to stop it; `None`: nobody does.
+    fn cancel<'a>(
+        &'a self,
+        workspace_id: Option<&'a str>,
+        request_id: &'a str,
+        reason: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<RemoteAnswer>> + Send + 'a>>;
+}
+
 /// Every request of a process that can still be cancelled, and the recently finished.
 #[derive(Default)]
 pub struct Cancels {
     inner: Mutex<Inner>,
     serial: AtomicU64,
+    remote: OnceLock<Arc<dyn Remote>>,
 }
 
 impl std::fmt::Debug for Cancels {
@@ -146,6 +172,57 @@ impl Cancels {
                 withdraw,
             });
         ticket
+    }
+
+    /// Lets this process's cancels reach requests other workers hold.
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Cancels a just registered request before it runs (it was cancelled elsewhere).
+    pub fn mark(&self, ticket: &Ticket, reason: &str) {
+        self.lock()
+            .reasons
+            .insert(ticket.serial, reason.to_string());
+        ticket.token.cancel();
+    }
+
+    /// Cancels a request held here and waits (bounded) for it to end: what a worker says
+    /// to another worker's `cancel`. `None` when this process does not hold it.
+    pub async fn cancel_and_wait(
+        &self,
+        request_id: &str,
+        root: Option<&Path>,
+        reason: &str,
+        on_found: impl FnOnce(&str),
+    ) -> Option<RemoteAnswer> {
+        let state = match self.cancel(request_id, root, reason) {
+            Found::Withdrawn => "waiting",
+            Found::Running(done) => {
+                on_found("running");
+                if tokio::time::timeout(WAIT_FOR_END, done.cancelled())
+                    .await
+                    .is_err()
+                {
+                    return Some(RemoteAnswer {
+                        state: "stopping".into(),
+                        target_status: None,
+                        target_error: None,
+                    });
+                }
+                "running"
+            }
+            Found::Finished { .. } | Found::Unknown => return None,
+        };
+        let (target_status, target_error) = match self.cancel(request_id, root, reason) {
+            Found::Finished { status, code } => (Some(status), code),
+            _ => (None, None),
+        };
+        Some(RemoteAnswer {
+            state: state.into(),
+            target_status,
+            target_error,
+        })
     }
 
     /// The request left its lane to run: it can no longer be withdrawn.
@@ -306,6 +383,17 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
             out.result = body;
             return out;
         }
+        Found::Unknown if cx.service.cancels.remote.get().is_some() => {
+            let remote = cx.service.cancels.remote.get().cloned();
+            let workspace = root
+                .and_then(|r| cx.service.registry.by_root(r))
+                .map(|r| r.id.clone());
+            let answer = match remote {
+                Some(remote) => remote.cancel(workspace.as_deref(), &target, &reason).await,
+                None => None,
+            };
+            return remote_result(&cx, &target, &reason, answer);
+        }
         Found::Unknown => {
             body.insert("cancelled".into(), json!(false));
             body.insert("state".into(), json!("unknown"));
@@ -341,4 +429,63 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         return out;
     }
     cx.resolved_success(body, "runtime_control")
+}
+
+/// The `cancel` answer from what another worker or the results store said.
+fn remote_result(
+    cx: &Context<'_>,
+    target: &str,
+    reason: &str,
+    answer: Option<RemoteAnswer>,
+) -> OpsResult {
+    let mut body = Map::new();
+    body.insert("request_id".into(), json!(target));
+    let Some(answer) = answer else {
+        body.insert("cancelled".into(), json!(false));
+        body.insert("state".into(), json!("unknown"));
+        let mut out = cx.failure(
+            Record::error(
+                REQUEST_NOT_FOUND,
+                format!("No worker runs request {target} for this workspace, and no record of it is stored."),
+            )
+            .suggest("Check the request_id and the workspace; a request that finished long ago is forgotten."),
+        );
+        out.result = body;
+        return out;
+    };
+    let cancelled = match answer.state.as_str() {
+        "orphaned" => true,
+        "waiting" | "running" => answer.target_error.as_deref() == Some(CANCELLED),
+        _ => false,
+    };
+    body.insert("cancelled".into(), json!(cancelled));
+    body.insert("state".into(), json!(answer.state));
+    if let Some(status) = &answer.target_status {
+        body.insert("target_status".into(), json!(status));
+    }
+    if let Some(code) = &answer.target_error {
+        body.insert("target_error".into(), json!(code));
+    }
+    body.insert("reason".into(), json!(reason));
+    if cancelled {
+        return cx.resolved_success(body, "runtime_control");
+    }
+    let message = match answer.state.as_str() {
+        "stopping" => format!(
+            "Request {target} was told to stop but has not ended within {}s.",
+            WAIT_FOR_END.as_secs()
+        ),
+        _ => format!(
+            "Request {target} already finished ({}); nothing to cancel.",
+            answer.target_status.as_deref().unwrap_or("unknown status")
+        ),
+    };
+    let code = if answer.state == "stopping" {
+        "cancel_pending"
+    } else {
+        REQUEST_FINISHED
+    };
+    let mut out = cx.failure(Record::error(code, message));
+    out.result = body;
+    out
 }

@@ -78,7 +78,13 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         .get(OUTER_AGENT_OPTION)
         .and_then(Value::as_str)
         == Some("caller");
-    let pi = cx.service.pi.as_ref().filter(|_| !caller_is_agent);
+    // A request cancelled before it started (taken over from a worker that is gone) only
+    // cleans up: no pi turn.
+    let pi = cx
+        .service
+        .pi
+        .as_ref()
+        .filter(|_| !caller_is_agent && !cx.cancel.is_cancelled());
     let settings = &cx.service.settings;
     let mode = cx
         .resolution

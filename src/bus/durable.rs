@@ -85,6 +85,11 @@ pub struct JobRecord {
     /// The final OpsResult, once done.
     pub result: Option<Value>,
     pub updated_at: String,
+    /// Set by a `cancel` that found no live worker holding the request (its owner is gone,
+    /// or it still waits in the jobs stream): the reason. A worker taking the request over
+    /// then stops what its owner started instead of resuming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<String>,
 }
 
 impl JobRecord {
@@ -296,6 +301,11 @@ enum Claim {
 }
 
 impl Durable {
+    /// The results bucket.
+    pub fn results(&self) -> kv::Store {
+        self.kv.clone()
+    }
+
     pub fn new(
         js: jetstream::Context,
         client: async_nats::Client,
@@ -464,9 +474,11 @@ impl Durable {
                     work_item: previous.work_item.clone(),
                     daemon_pid: previous.daemon_pid,
                 });
+                hints.cancelled = previous.cancelled.clone();
                 let mut record = self.running(workspace.clone());
                 record.work_item = previous.work_item;
                 record.daemon_pid = previous.daemon_pid;
+                record.cancelled = previous.cancelled;
                 self.remember(&key, record, None);
             }
             Err(err) => {
@@ -503,6 +515,7 @@ impl Durable {
             daemon_pid: None,
             result: None,
             updated_at: time::now(),
+            cancelled: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! May import `engine`, `actions`, `millrace`, `agent` and `contract`; never `app`.
 
+pub mod cancel;
 pub mod durable;
 pub mod local;
 pub mod micro;

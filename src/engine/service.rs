@@ -54,6 +54,9 @@ pub struct SubmitHints {
     pub last_sequence: u64,
     /// What the subject the request arrived on binds; `None` in process (no subject).
     pub bound: Option<Bound>,
+    /// The request was cancelled while no worker held it (the reason): it is answered as
+    /// cancelled, and what a previous owner started is stopped, never resumed.
+    pub cancelled: Option<String>,
 }
 
 struct Job {
@@ -233,6 +236,9 @@ impl Engine {
             plan.resolution.root.as_deref(),
             withdraw,
         );
+        if let Some(reason) = &hints.cancelled {
+            self.service.cancels.mark(&ticket, reason);
+        }
         let job = Job {
             request,
             key,
@@ -367,7 +373,10 @@ impl Engine {
         async {
             let ticket = job.ticket.clone();
             self.service.cancels.started(&ticket);
-            let result = if ticket.token.is_cancelled() {
+            // A cancelled request taken over from a worker that is gone still runs its
+            // handler when it cleans up after itself: it stops what the owner started.
+            let cleanup = job.plan.action.cancels_itself() && job.hints.resume.is_some();
+            let result = if ticket.token.is_cancelled() && !cleanup {
                 None
             } else {
                 job.progress.info(

@@ -186,11 +186,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// Stops the daemon and its runners now: SIGTERM to its group, SIGKILL after `grace`.
-    /// For a cancel, where waiting for the running stage to end is what is not wanted.
+    /// Stops the daemon and its runners now: SIGTERM to its group, SIGKILL after `grace`
+    /// (at once when `grace` is zero). For a cancel, where waiting for the running stage to
+    /// end is what is not wanted; the stale state it leaves is cleared by the caller.
     pub async fn kill(&mut self, grace: Duration) {
-        self.signal_group(nix::sys::signal::Signal::SIGTERM);
-        if !self.wait_for(grace).await {
+        if !grace.is_zero() {
+            self.signal_group(nix::sys::signal::Signal::SIGTERM);
+        }
+        if grace.is_zero() || !self.wait_for(grace).await {
             self.signal_group(nix::sys::signal::Signal::SIGKILL);
             if let Some(child) = &mut self.child {
                 let _ = child.start_kill();

@@ -127,9 +127,12 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     let never = tokio_util::sync::CancellationToken::new();
     let cancel = plan.cancel.unwrap_or(&never);
     if cancel.is_cancelled() {
-        return Err(DelegationError::Cancelled {
-            work_item_id: None,
-            detail: "The request was cancelled before anything was queued.".into(),
+        return Err(match plan.resume.and_then(Resume::document) {
+            Some(doc) => cancel_taken_over(plan, &doc, progress).await,
+            None => DelegationError::Cancelled {
+                work_item_id: None,
+                detail: "The request was cancelled before anything was queued.".into(),
+            },
         });
     }
     let ws = plan.workspace;
@@ -438,6 +441,35 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Outcome, Delega
     })
 }
 
+/// A request cancelled while its worker was gone: what that worker started is stopped (its
+/// daemon, when still alive) and its work item cancelled, never resumed.
+async fn cancel_taken_over(
+    plan: &Plan<'_>,
+    doc: &IntakeDocument,
+    progress: &Progress,
+) -> DelegationError {
+    progress.emit(
+        "runtime.not_resumed",
+        "warning",
+        format!(
+            "The request was cancelled while no worker held it: {} {} is cancelled, not resumed.",
+            doc.kind.as_str(),
+            doc.id
+        ),
+        payload! {"work_item_id" => doc.id},
+    );
+    let log_path = plan
+        .workspace
+        .join(".millracer")
+        .join("logs")
+        .join(format!("daemon-{}.log", plan.log_name));
+    let mut daemon = plan
+        .resume
+        .and_then(|r| r.daemon_pid)
+        .and_then(|pid| Daemon::adopt(pid, log_path));
+    cancel_work(plan, daemon.as_mut(), &doc.id, None, progress).await
+}
+
 /// Stops a running delegated run at once: the daemon's process group is killed (the
 /// runtime defers `queue cancel` while a stage runs, and `control stop` waits for the
 /// stage to end), the work item left active is requeued (`control clear-stale-state`)
@@ -451,16 +483,39 @@ async fn cancel_run(
     tracker: &mut Tracker,
     progress: &Progress,
 ) -> DelegationError {
+    cancel_work(
+        plan,
+        Some(daemon),
+        work_item_id,
+        Some((tail, tracker)),
+        progress,
+    )
+    .await
+}
+
+async fn cancel_work(
+    plan: &Plan<'_>,
+    daemon: Option<&mut Daemon>,
+    work_item_id: &str,
+    seen: Option<(&mut EventTail, &mut Tracker)>,
+    progress: &Progress,
+) -> DelegationError {
     let ws = plan.workspace;
-    daemon.kill(Duration::from_secs(1)).await;
-    // What the runtime wrote before it was stopped, so the frames show the last stage.
-    let _ = drain(tail, tracker, progress);
-    progress.emit(
-        "runtime.daemon_stopped",
-        "warning",
-        "The Millrace daemon was stopped to cancel the request.",
-        payload! {"pid" => daemon.pid(), "cancelled" => true},
-    );
+    if let Some(daemon) = daemon {
+        // SIGKILL at once: the daemon's graceful exit takes 1-2 s, and what it would tidy
+        // (the ownership lock, the active run) `clear-stale-state` tidies next.
+        daemon.kill(Duration::ZERO).await;
+        // What the runtime wrote before it was stopped, so the frames show the last stage.
+        if let Some((tail, tracker)) = seen {
+            let _ = drain(tail, tracker, progress);
+        }
+        progress.emit(
+            "runtime.daemon_stopped",
+            "warning",
+            "The Millrace daemon was stopped to cancel the request.",
+            payload! {"pid" => daemon.pid(), "cancelled" => true},
+        );
+    }
     let clear: Vec<std::ffi::OsString> = vec![
         "control".into(),
         "clear-stale-state".into(),
