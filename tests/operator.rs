@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
-use common::{NatsServer, Worker, millrace_bin, request_json, rt};
+use common::{NatsServer, Worker, millrace_bin, request_json, rt, run_ops};
 use futures::StreamExt;
 use millracer::bus::subjects;
 use serde_json::{Value, json};
@@ -468,6 +468,53 @@ fn pause_then_resume_with_work_queued_is_recorded_and_health_tells_expected_from
         )
         .await;
         assert_eq!(health_of(&h), "paused_unexpected", "{h:#}");
+
+        // The same through the subcommands and the bridge.
+        let url = nats.url.clone();
+        let bus = ["--transport", "nats", "--nats-url", url.as_str()];
+        let cli = |args: &[&str]| {
+            let all: Vec<&str> = args.iter().chain(bus.iter()).copied().collect();
+            run_ops(&all, "", &[])
+        };
+        let out = cli(&["health", "--workspace-id", "other"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            text.contains("health: paused_unexpected"),
+            "readable: {text}"
+        );
+        let out = cli(&["health", "--workspace-id", "other", "--json"]);
+        let full: Value = serde_json::from_slice(&out.stdout).expect("--json is the OpsResult");
+        assert_valid("result", &full);
+        assert_eq!(full["result"]["health_state"], "paused_unexpected");
+        let out = cli(&["queue", "--workspace-id", "ws"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("task_queue_depth") && l.trim_end().ends_with(" 1")),
+            "a table of fields: {text}"
+        );
+        let out = cli(&["runs", "show"]);
+        assert_eq!(out.status.code(), Some(2), "usage: {out:?}");
+        let out = cli(&["cancel", "never-sent", "--workspace-id", "ws"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("request_not_found"),
+            "{out:?}"
+        );
+        let out = cli(&[
+            "ops",
+            "--json",
+            "--cancel",
+            "never-sent-2",
+            "--cancel-workspace",
+            "ws",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let full: Value = serde_json::from_slice(&out.stdout).expect("OpsResult");
+        assert_eq!(full["action"], "cancel");
+        assert_eq!(full["errors"][0]["code"], "request_not_found", "{full:#}");
 
         let bad = ask(
             &client,

@@ -34,6 +34,8 @@ pub enum Command {
     Run(RunArgs),
     /// A persistent session to type tasks into (one pi conversation for all of them).
     Operator(OperatorArgs),
+    #[command(flatten)]
+    Operations(crate::app::commands::OperatorCommand),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -253,6 +255,13 @@ pub struct OpsArgs {
     /// scoped by workspace. Without it, a workspace-less request (`jobs.any`).
     #[arg(long, value_name = "WORKSPACE_ID", requires = "attach")]
     pub attach_workspace: Option<String>,
+    /// Cancel the request with this request_id (reads no stdin): sends a `cancel` for the
+    /// workspace `--cancel-workspace` (by id), else the one at `--workspace`.
+    #[arg(long, value_name = "REQUEST_ID", conflicts_with = "attach")]
+    pub cancel: Option<String>,
+    /// The workspace id of the request to `--cancel`.
+    #[arg(long, value_name = "WORKSPACE_ID", requires = "cancel")]
+    pub cancel_workspace: Option<String>,
     /// Print the OpsResult as indented JSON.
     #[arg(long)]
     pub json: bool,
