@@ -45,7 +45,7 @@ const ECHO_QUEUE: &str = "bench-echo";
 /// The workspace id every bench worker serves.
 const WS_ID: &str = "bench";
 
-const FIGURES: [(&str, &str); 10] = [
+const FIGURES: [(&str, &str); 11] = [
     ("1", "roundtrip"),
     ("2", "inspect-throughput"),
     ("3", "ops-status"),
@@ -56,6 +56,7 @@ const FIGURES: [(&str, &str); 10] = [
     ("8", "status-paced"),
     ("9", "enqueue-exit"),
     ("10", "memory-after-load"),
+    ("11", "operator"),
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -121,6 +122,7 @@ async fn run(which: BTreeSet<&str>, quick: bool) -> anyhow::Result<()> {
             "8" => status_paced(&ctx, &mut report).await,
             "9" => enqueue_exit(&ctx, &mut report).await,
             "10" => memory_after_load(&ctx, &mut report).await,
+            "11" => operator(&ctx, &mut report).await,
             _ => unreachable!("validated above"),
         };
         if let Err(err) = outcome {
@@ -164,6 +166,9 @@ struct Sizes {
     detect_tasks: usize,
     /// How long the reference's sequential `ops --json status` runs go on.
     reference_window: Duration,
+    /// Rounds of the operator read actions, and cancels measured.
+    operator_rounds: usize,
+    operator_cancels: usize,
 }
 
 impl Sizes {
@@ -182,6 +187,8 @@ impl Sizes {
             builder_delay: 45.0,
             detect_tasks: 11,
             reference_window: Duration::from_secs(10),
+            operator_rounds: 15,
+            operator_cancels: 3,
         }
     }
 
@@ -200,6 +207,8 @@ impl Sizes {
             builder_delay: 20.0,
             detect_tasks: 2,
             reference_window: Duration::from_secs(3),
+            operator_rounds: 3,
+            operator_cancels: 1,
         }
     }
 }
@@ -2249,5 +2258,194 @@ async fn memory_after_load(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
         mib(after),
         mib(hwm)
     ));
+    Ok(())
+}
+
+// 11. Operator actions: read round trips next to list_workspaces, and cancel
+// ---------------------------------------------------------------------------------------
+
+/// One request on the workspace's subject; its round trip and whether it succeeded.
+async fn timed(
+    client: &async_nats::Client,
+    action: &str,
+    payload: Value,
+) -> anyhow::Result<(Duration, bool)> {
+    let (subject, wref) = if action == "list_workspaces" {
+        (subjects::request_any(), json!({}))
+    } else {
+        (
+            subjects::request_by_id(WS_ID),
+            json!({"workspace_id": WS_ID}),
+        )
+    };
+    let body = request_bytes(&unique(action), action, wref, payload);
+    let started = Instant::now();
+    let answer = client
+        .send_request(
+            subject,
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(120))),
+        )
+        .await?;
+    Ok((started.elapsed(), succeeded(&answer.payload)))
+}
+
+fn median_ms(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v.get(v.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+}
+
+async fn operator(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let rounds = ctx.sizes.operator_rounds;
+    let cancels = ctx.sizes.operator_cancels;
+    let dir = ctx.dir("8-operator")?;
+    let ws = dir.join("ws");
+    stand_in_workspace(ctx, &ws, json!({"builder": {"delay_seconds": 120}}))?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
+    let _worker = start_worker(ctx, &dir, &url, &ws)?;
+    let client = connect(&url).await?;
+    wait_answering(&client, &subjects::request_any()).await?;
+
+    // Read round trips, the actions alternated so load drifts hit every side alike.
+    let actions = [
+        "list_workspaces",
+        "status",
+        "health",
+        "queue_status",
+        "list_runs",
+        "diagnose",
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); actions.len()];
+    let mut failed = 0;
+    for _ in 0..rounds {
+        for (i, action) in actions.iter().enumerate() {
+            let (d, ok) = timed(&client, action, json!({})).await?;
+            failed += usize::from(!ok);
+            times[i].push(d);
+        }
+    }
+    let base = median_ms(times[0].clone());
+    for (i, action) in actions.iter().enumerate().skip(1) {
+        let m = median_ms(times[i].clone());
+        report.row(
+            "11",
+            &format!("`{action}` round trip, p50 ({rounds} each, alternated)"),
+            ms(m),
+            format!("{} (list_workspaces)", ms(base)),
+            format!("{:.0}×", m / base),
+            "",
+            None,
+        );
+    }
+    if failed > 0 {
+        report.note(format!("[11] {failed} read requests did not succeed"));
+    }
+
+    // Cancel: from sending `cancel` to the waiting caller's result, for a request waiting
+    // in the lane and for a delegated request mid-stage.
+    let mut running = Vec::new();
+    let mut waiting = Vec::new();
+    for n in 0..cancels {
+        let long_id = unique("long");
+        let mut frames = client
+            .subscribe(subjects::frames_of_request(&long_id))
+            .await?;
+        client.flush().await?;
+        let c = client.clone();
+        let body = enqueue_request(
+            &long_id,
+            json!({"workspace_id": WS_ID}),
+            &format!("Slow task {n}"),
+        );
+        let long = tokio::spawn(async move {
+            c.send_request(
+                subjects::request_by_id(WS_ID),
+                async_nats::Request::new()
+                    .payload(body.to_string().into())
+                    .timeout(Some(Duration::from_secs(300))),
+            )
+            .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let m = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                frames.next(),
+            )
+            .await
+            .context("the builder never started")?
+            .context("frames closed")?;
+            let f: Value = serde_json::from_slice(&m.payload)?;
+            if f["event_type"] == "runtime.stage_started" && f["payload"]["stage"] == "builder" {
+                break;
+            }
+        }
+        // One more request waits behind it in the lane.
+        let wait_id = unique("waits");
+        let mut wframes = client
+            .subscribe(subjects::frames_of_request(&wait_id))
+            .await?;
+        client.flush().await?;
+        let c = client.clone();
+        let body = enqueue_request(&wait_id, json!({"workspace_id": WS_ID}), "Waiting task");
+        let behind = tokio::spawn(async move {
+            c.send_request(
+                subjects::request_by_id(WS_ID),
+                async_nats::Request::new()
+                    .payload(body.to_string().into())
+                    .timeout(Some(Duration::from_secs(300))),
+            )
+            .await
+        });
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), wframes.next())
+                .await
+                .context("no queued frame")?
+                .context("frames closed")?;
+            let f: Value = serde_json::from_slice(&m.payload)?;
+            if f["event_type"] == "request.queued" {
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        let _ = timed(&client, "cancel", json!({"request_id": wait_id})).await?;
+        let _ = behind.await??;
+        waiting.push(t0.elapsed());
+        let t0 = Instant::now();
+        let c = client.clone();
+        let cancel =
+            tokio::spawn(async move { timed(&c, "cancel", json!({"request_id": long_id})).await });
+        let answer = long.await??;
+        running.push(t0.elapsed());
+        let result: Value = serde_json::from_slice(&answer.payload)?;
+        if result["errors"][0]["code"] != "cancelled" {
+            report.note(format!(
+                "[11] the running request was not cancelled: {result}"
+            ));
+        }
+        let _ = cancel.await?;
+    }
+    let w = median_ms(waiting);
+    let r = median_ms(running);
+    report.row(
+        "11",
+        &format!("cancel → result of a request waiting in the lane, p50 ({cancels})"),
+        ms(w),
+        String::new(),
+        String::new(),
+        "",
+        None,
+    );
+    report.row(
+        "11",
+        &format!("cancel → result of a delegated request mid-stage, p50 ({cancels})"),
+        ms(r),
+        String::new(),
+        String::new(),
+        "≤ 2 s",
+        Some(r <= 2000.0),
+    );
     Ok(())
 }

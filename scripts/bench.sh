@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh                 every figure (about 5 minutes)
 #   scripts/bench.sh roundtrip memory   some of them: roundtrip inspect-throughput ops-status
-#                                    memory monitor-cpu detection status-throughput (or 1..7)
+#                                    memory monitor-cpu detection status-throughput operator
+#                                    (or 1..8)
 #   scripts/bench.sh --quick         a short smoke run (sizes below the documented minimums)
 #
 # What it does:

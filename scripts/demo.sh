@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The whole thing on one machine, from scratch:
+# The main job on one machine, from scratch:
 #   set-up (scripts/setup.sh), cargo build --release, a private nats-server with JetStream
 #   (random port, store in a temp dir), a Millrace workspace made by `millrace init`, a
-#   `millracer worker` serving it as workspace `demo`, and one status request sent through the
-#   bus with `millracer ops --json --transport nats`. Its OpsResult is printed on stdout
-#   (progress goes to stderr). Then the worker is stopped with SIGTERM, the server is stopped
-#   and the temp dir is removed.
+#   `millracer worker` serving it as workspace `demo`, `millracer events --follow` printing
+#   every frame live, then a delegated `enqueue` that the real Millrace runtime runs through
+#   its stages (builder, checker, updater). No model credentials are assumed: each stage's
+#   runner is the test stand-in (tests/support/stand_in_pi.py), which answers with the
+#   stage's success marker in place of a language model; everything else is real. The
+#   OpsResult is printed with its completion evidence, then `millracer health` and
+#   `millracer queue`. Then the worker is stopped with SIGTERM, the server is stopped and the
+#   temp dir is removed. Under a minute after the build.
 #
 # Usage: scripts/demo.sh
 #   MILLRACER_DEMO_KEEP=1 scripts/demo.sh   leave broker and worker running and print how to
@@ -119,7 +123,11 @@ say "nats-server $("$NATS_SERVER" --version | sed 's/^nats-server: //') (JetStre
 WORKSPACE="$TMP/workspace"
 "$MILLRACE" init --workspace "$WORKSPACE" >"$TMP/millrace-init.log" 2>&1 ||
     die "millrace init --workspace $WORKSPACE failed: $(cat "$TMP/millrace-init.log")"
-say "workspace demo = $WORKSPACE (millrace init)"
+# The stand-in runner in place of a model (said plainly: no credentials are assumed).
+STAND_IN="$ROOT/tests/support/stand_in_pi.py"
+[[ -x "$STAND_IN" ]] || die "$STAND_IN missing or not executable"
+printf '\n[runners.pi]\ncommand = "%s"\n' "$STAND_IN" >>"$WORKSPACE/millrace-agents/millrace.toml"
+say "workspace demo = $WORKSPACE (millrace init); stage runner: the test stand-in, NOT a model"
 
 # --- 4. the worker ----------------------------------------------------------------------------
 "$MILLRACER" worker --nats-url "$NATS_URL" --workspace "demo=$WORKSPACE" >"$TMP/worker.log" 2>&1 &
@@ -145,14 +153,31 @@ while :; do
 done
 say "worker ready (answered after $attempt attempt(s))"
 
-# --- 5. the demo request through the bridge --------------------------------------------------
-REQUEST='{"schema_version":"millracer.ops.v0.2","request_id":"demo-status-1","workspace_ref":{"workspace_id":"demo"},"source":{"kind":"cli","surface":"demo"},"action":"status","input":{"kind":"structured_action","payload":{}}}'
+# --- 5. frames, live ---------------------------------------------------------------------------
+"$MILLRACER" events --follow --nats-url "$NATS_URL" --workspace demo >&2 &
+EVENTS_PID=$!
+sleep 0.5
+say "following frames: millracer events --follow --workspace demo (pid $EVENTS_PID, on stderr)"
+
+# --- 6. a delegated enqueue through the real runtime ------------------------------------------
+REQUEST='{"schema_version":"millracer.ops.v0.2","request_id":"demo-enqueue-1","workspace_ref":{"workspace_id":"demo"},"source":{"kind":"cli","surface":"demo"},"action":"enqueue","route_preference":"millrace","intake_preference":"task","input":{"kind":"natural_language","text":"Add a README line that says hello"}}'
 say "request:  $REQUEST"
 say "command:  echo '<request>' | $MILLRACER ops --json --transport nats --nats-url $NATS_URL"
-say "OpsResult (stdout):"
 rc=0
-echo "$REQUEST" | "$MILLRACER" ops --json --transport nats --nats-url "$NATS_URL" || rc=$?
+echo "$REQUEST" | "$MILLRACER" ops --json --transport nats --nats-url "$NATS_URL" --timeout 120 \
+    >"$TMP/result.json" || rc=$?
+kill "$EVENTS_PID" 2>/dev/null || true
+wait "$EVENTS_PID" 2>/dev/null || true
+say "OpsResult (stdout):"
+cat "$TMP/result.json"
+say "completion: $(python3 -c 'import json,sys; c=json.load(open(sys.argv[1]))["completion"]; print("outcome", c["outcome"], "scoped_completion", c["scoped_completion"], "verification", c["verification_status"]); [print("  evidence:", json.dumps(e, sort_keys=True)) for e in c["evidence_summary"]]' "$TMP/result.json" 2>&1)"
 say "millracer ops exited with status $rc"
+
+# --- 7. health and the queue, readable ----------------------------------------------------------
+say "millracer health --workspace-id demo"
+"$MILLRACER" health --workspace-id demo --transport nats --nats-url "$NATS_URL" >&2 || rc=$?
+say "millracer queue --workspace-id demo"
+"$MILLRACER" queue --workspace-id demo --transport nats --nats-url "$NATS_URL" >&2 || rc=$?
 
 if [[ "$KEEP" == 1 ]]; then
     KEEP_RUNNING=1

@@ -55,6 +55,10 @@ fn main() -> ExitCode {
             let _telemetry = telemetry("warn", "millracer-operator");
             runtime.block_on(operator::run(args))
         }
+        Command::Operations(command) => {
+            let _telemetry = telemetry("warn", "millracer-ops");
+            runtime.block_on(millracer::app::commands::run(command))
+        }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -121,6 +121,10 @@ const ACTIONS: &[&str] = &[
     "select_workspace",
     "inspect_session",
     "pause",
+    "cancel",
+    "health",
+    "show_work_item",
+    "reboot_host",
     "STATUS",
     "",
 ];
@@ -207,6 +211,7 @@ fn service(root: PathBuf, home: &std::path::Path) -> Service {
         },
         status_cache: None,
         directory: None,
+        cancels: Default::default(),
     }
 }
 

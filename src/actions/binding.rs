@@ -112,7 +112,7 @@ pub fn bind(
 /// the usual `workspace_not_served` (or `workspace_unresolved`) answer, so a caller asking
 /// any worker about an unknown workspace still gets a clear reason.
 fn bind_any(registry: &Registry, request: &OpsRequest, action: Action) -> Result<(), Box<Record>> {
-    if !matches!(action, Action::Status | Action::Enqueue) {
+    if !action.needs_workspace() || action == Action::Unsupported {
         return Ok(());
     }
     let wref = &request.workspace_ref;

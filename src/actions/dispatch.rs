@@ -21,6 +21,15 @@ pub enum Action {
     ListSessions,
     SelectWorkspace,
     InspectSession,
+    QueueStatus,
+    ShowWorkItem,
+    ListRuns,
+    ShowRun,
+    Diagnose,
+    Health,
+    Pause,
+    Resume,
+    Cancel,
     Unsupported,
 }
 
@@ -33,6 +42,15 @@ impl Action {
             "list_sessions" => Self::ListSessions,
             "select_workspace" => Self::SelectWorkspace,
             "inspect_session" => Self::InspectSession,
+            "queue_status" => Self::QueueStatus,
+            "show_work_item" => Self::ShowWorkItem,
+            "list_runs" => Self::ListRuns,
+            "show_run" => Self::ShowRun,
+            "diagnose" => Self::Diagnose,
+            "health" => Self::Health,
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "cancel" => Self::Cancel,
             _ => Self::Unsupported,
         }
     }
@@ -49,8 +67,18 @@ impl Action {
     }
 
     /// Actions that change state run one at a time per lane; the rest never wait.
+    /// `cancel` changes state too, but must never wait behind what it cancels.
     pub fn is_mutating(self) -> bool {
-        matches!(self, Self::Enqueue | Self::SelectWorkspace)
+        matches!(
+            self,
+            Self::Enqueue | Self::SelectWorkspace | Self::Pause | Self::Resume
+        )
+    }
+
+    /// Whether a running request of this action stops only when its handler notices the
+    /// cancellation (it cleans up after itself); others are simply dropped.
+    pub fn cancels_itself(self) -> bool {
+        matches!(self, Self::Enqueue)
     }
 }
 
@@ -103,6 +131,8 @@ pub struct Service {
     /// The bus's registry of served workspaces (a worker on a broker with JetStream):
     /// `list_workspaces` on `req.any` answers with every workspace the bus serves.
     pub directory: Option<std::sync::Arc<crate::contract::registry::Directory>>,
+    /// The requests of this process that can be cancelled (see [`actions::cancel`]).
+    pub cancels: actions::cancel::Cancels,
 }
 
 /// What the engine needs to know before running a request: decided synchronously, on
@@ -197,6 +227,7 @@ impl Service {
         started_at: String,
         progress: &Progress,
         resume: Option<&crate::millrace::delegation::Resume>,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> OpsResult {
         if let Some(refusal) = &plan.refusal {
             return OpsResult::failure(
@@ -214,6 +245,7 @@ impl Service {
             started_at,
             progress,
             resume,
+            cancel,
         };
         match plan.action {
             Action::Status => actions::status::run(cx).await,
@@ -222,6 +254,15 @@ impl Service {
             Action::ListSessions => actions::list_sessions::run(cx),
             Action::SelectWorkspace => actions::select_workspace::run(cx),
             Action::InspectSession => actions::inspect_session::run(cx),
+            Action::QueueStatus => actions::queue_status::run(cx).await,
+            Action::ShowWorkItem => actions::show_work_item::run(cx).await,
+            Action::ListRuns => actions::list_runs::run(cx).await,
+            Action::ShowRun => actions::show_run::run(cx).await,
+            Action::Diagnose => actions::diagnose::run(cx).await,
+            Action::Health => actions::health::run(cx).await,
+            Action::Pause => actions::pause::run(cx).await,
+            Action::Resume => actions::resume::run(cx).await,
+            Action::Cancel => actions::cancel::run(cx).await,
             Action::Unsupported => actions::unsupported::run(cx),
         }
     }

@@ -30,6 +30,7 @@ use crate::contract::token;
 use crate::contract::vocab::ErrorCode;
 use crate::contract::vocab::Outcome;
 use crate::contract::vocab::Route;
+use crate::contract::vocab::{EventType, Severity};
 use crate::contract::{Completion, OpsResult, Record, ResultStatus};
 use crate::millrace::command::command_cwd;
 use crate::millrace::delegation::{self, DelegationError, Report};
@@ -81,7 +82,13 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         .get(OUTER_AGENT_OPTION)
         .and_then(Value::as_str)
         == Some("caller");
-    let pi = cx.service.pi.as_ref().filter(|_| !caller_is_agent);
+    // A request cancelled before it started (taken over from a worker that is gone) only
+    // cleans up: no pi turn.
+    let pi = cx
+        .service
+        .pi
+        .as_ref()
+        .filter(|_| !caller_is_agent && !cx.cancel.is_cancelled());
     let settings = &cx.service.settings;
     let mode = cx
         .resolution
@@ -117,11 +124,35 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         scoped: cx.request.scoped_work_item.as_ref(),
         notify: settings.notify_terminal_stages,
     };
-    let outcome = runner::run(&session, &task, &options, delegate).await;
+    let delegating = std::sync::atomic::AtomicBool::new(false);
+    let delegate = Flagged {
+        inner: delegate,
+        delegating: &delegating,
+    };
+    let running = runner::run(&session, &task, &options, delegate);
+    tokio::pin!(running);
+    // A cancel during a pi turn abandons the turn (closing the session ends its pi
+    // process); during delegation the delegated run stops itself and returns.
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut running => break Some(outcome),
+            () = cx.cancel.cancelled(), if !delegating.load(std::sync::atomic::Ordering::SeqCst) => break None,
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)), if cx.cancel.is_cancelled() => {}
+        }
+    };
     session.close().await;
     match outcome {
-        Ok(run) => ops_result(&cx, &task, &run),
-        Err(err) => cx.failure(err.record()),
+        Some(Ok(run)) => ops_result(&cx, &task, &run),
+        Some(Err(err)) => cx.failure(err.record()),
+        None => {
+            cx.progress.emit(
+                EventType::AgentAborted,
+                Severity::Warning,
+                "The pi turn was abandoned and its process closed: the request was cancelled.",
+                crate::payload! {},
+            );
+            cx.failure(super::cancel::cancelled_record("the pi turn was stopped"))
+        }
     }
 }
 
@@ -172,6 +203,26 @@ async fn without_pi(
     ops_result(cx, task, &run)
 }
 
+/// Marks the time a delegated run is under way: a cancel then lets it stop itself.
+struct Flagged<'a, D> {
+    inner: D,
+    delegating: &'a std::sync::atomic::AtomicBool,
+}
+
+impl<D: Delegate + Send> Delegate for Flagged<'_, D> {
+    async fn delegate(
+        self,
+        job: Job<'_>,
+        notes: mpsc::UnboundedSender<LegacyEvent>,
+    ) -> Result<Delegated, AgentError> {
+        let Self { inner, delegating } = self;
+        delegating.store(true, std::sync::atomic::Ordering::SeqCst);
+        let out = inner.delegate(job, notes).await;
+        delegating.store(false, std::sync::atomic::Ordering::SeqCst);
+        out
+    }
+}
+
 /// Delegation inside this process: [`delegation::run`] with this request's frames, whose
 /// meaningful stage events also become progress notes.
 struct InProcess<'a, 'b> {
@@ -202,6 +253,7 @@ impl Delegate for InProcess<'_, '_> {
             keep_daemon: settings.keep_daemon,
             log_name: token::token(&self.cx.request.request_id),
             resume: self.cx.resume,
+            cancel: Some(self.cx.cancel),
         };
         let workspace = self.root.display().to_string();
         let progress = self.cx.progress;

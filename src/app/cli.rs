@@ -40,6 +40,8 @@ pub enum Command {
     /// A persistent session to type tasks into (one pi conversation for all of them).
     #[command(after_help = OPERATOR_EXAMPLES)]
     Operator(OperatorArgs),
+    #[command(flatten)]
+    Operations(crate::app::commands::OperatorCommand),
 }
 
 const WORKER_EXAMPLES: &str = "\
@@ -357,6 +359,15 @@ pub struct OpsArgs {
     /// scoped by workspace (default: a workspace-less request, `jobs.any`).
     #[arg(long, value_name = "WORKSPACE_ID", requires = "attach")]
     pub attach_workspace: Option<String>,
+    /// Cancel the request with this request_id (reads no stdin): sends a `cancel` for the
+    /// workspace `--cancel-workspace` (by id), else the one at `--workspace` (default: none,
+    /// the request on stdin is sent).
+    #[arg(long, value_name = "REQUEST_ID", conflicts_with = "attach")]
+    pub cancel: Option<String>,
+    /// The workspace id of the request to `--cancel` (default: none, the workspace at
+    /// `--workspace`).
+    #[arg(long, value_name = "WORKSPACE_ID", requires = "cancel")]
+    pub cancel_workspace: Option<String>,
     /// Print the OpsResult as indented JSON (this or `--stream-json` is required).
     #[arg(long)]
     pub json: bool,

@@ -4,6 +4,7 @@
 //! The top layer: it may import every other folder; nothing imports it.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod delegate;
 pub mod events;

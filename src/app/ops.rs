@@ -130,7 +130,24 @@ pub async fn run(args: OpsArgs) -> i32 {
         return finish(attached, &mut out);
     }
     let mut raw = Vec::new();
-    if let Err(err) = std::io::stdin().read_to_end(&mut raw) {
+    if let Some(target) = &args.cancel {
+        let workspace_ref = match &args.cancel_workspace {
+            Some(id) => serde_json::json!({"workspace_id": id}),
+            None => {
+                serde_json::json!({"root_path": resolve_path(&args.workspace).display().to_string()})
+            }
+        };
+        raw = serde_json::json!({
+            "schema_version": crate::contract::SCHEMA_VERSION,
+            "request_id": format!("req-cli-cancel-{}", uuid::Uuid::new_v4()),
+            "workspace_ref": workspace_ref,
+            "source": {"kind": "cli", "surface": "ops"},
+            "action": "cancel",
+            "input": {"kind": "structured_action", "payload": {"request_id": target}},
+        })
+        .to_string()
+        .into_bytes();
+    } else if let Err(err) = std::io::stdin().read_to_end(&mut raw) {
         eprintln!("millracer: error: {err}");
         return 1;
     }
@@ -400,6 +417,7 @@ pub fn local_service(
         status_cache: None,
         pi: Some(pi),
         directory: None,
+        cancels: Default::default(),
     })
 }
 

@@ -240,6 +240,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             crate::app::cli::secs(args.status_max_age_seconds),
         )),
         directory: directory.clone(),
+        cancels: Default::default(),
     };
     let options = EngineOptions {
         max_request_bytes: args.max_request_bytes,
@@ -335,6 +336,27 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     ));
 
     let stop = CancellationToken::new();
+    // Cancels reach requests other workers hold, and theirs reach ours.
+    engine
+        .service()
+        .cancels
+        .set_remote(Arc::new(crate::bus::cancel::BusCancel {
+            client: client.clone(),
+            kv: durable.as_ref().map(|d| d.results()),
+            owner: micro.id.clone(),
+        }));
+    let cancel_scopes = engine
+        .service()
+        .registry
+        .records()
+        .map(|r| (Some(r.id.clone()), Some(r.root.clone())))
+        .collect();
+    let cancel_task = tokio::spawn(crate::bus::cancel::serve(
+        client.clone(),
+        engine.clone(),
+        cancel_scopes,
+        stop.clone(),
+    ));
     let durable_task = durable.clone().map(|durable| {
         tokio::spawn(durable.serve(
             engine.clone(),
@@ -452,6 +474,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         }
         micro_stop.cancel();
         let _ = micro_task.await;
+        let _ = cancel_task.await;
         engine.shutdown().await;
         drop(engine);
         publisher.await.context("publisher task failed")?;

@@ -121,6 +121,11 @@ pub struct JobRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sequence: Option<u64>,
     pub updated_at: String,
+    /// Set by a `cancel` that found no live worker holding the request (its owner is gone,
+    /// or it still waits in the jobs stream): the reason. A worker taking the request over
+    /// then stops what its owner started instead of resuming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<String>,
 }
 
 impl JobRecord {
@@ -439,6 +444,11 @@ enum Claim {
 }
 
 impl Durable {
+    /// The results bucket.
+    pub fn results(&self) -> kv::Store {
+        self.kv.clone()
+    }
+
     pub fn new(
         js: jetstream::Context,
         client: async_nats::Client,
@@ -623,10 +633,12 @@ impl Durable {
                     daemon_pid: previous.daemon_pid,
                     intake: previous.intake.clone(),
                 });
+                hints.cancelled = previous.cancelled.clone();
                 let mut record = self.running(workspace.clone());
                 record.work_item = previous.work_item;
                 record.intake = previous.intake;
                 record.daemon_pid = previous.daemon_pid;
+                record.cancelled = previous.cancelled;
                 self.remember(&key, record, None);
             }
             Err(err) => {
@@ -671,6 +683,7 @@ impl Durable {
             result: None,
             last_sequence: None,
             updated_at: time::now(),
+            cancelled: None,
         }
     }
 
@@ -1050,11 +1063,11 @@ impl std::fmt::Debug for IntentCheckpoint {
 impl Checkpoint for IntentCheckpoint {
     fn record<'a>(
         &'a self,
-        event_type: &'a str,
+        event_type: EventType,
         payload: &'a serde_json::Map<String, Value>,
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            if event_type != "runtime.intake_written" {
+            if event_type != EventType::RuntimeIntakeWritten {
                 return Ok(());
             }
             let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_string);

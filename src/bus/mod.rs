@@ -5,6 +5,7 @@
 //! May import `engine`, `actions`, `millrace`, `agent` and `contract`; never `app`.
 
 pub mod broker;
+pub mod cancel;
 pub mod durable;
 pub mod local;
 pub mod micro;

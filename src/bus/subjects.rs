@@ -11,6 +11,7 @@
 //! | `millracer.ops.v0_2.jobs.ws.<workspace>.<class>` | durable intake (JetStream) by workspace id |
 //! | `millracer.ops.v0_2.jobs.path.<path_key>.<class>` | durable intake by canonical root path |
 //! | `millracer.ops.v0_2.jobs.any` | durable intake for workspace-less actions |
+//! | `millracer.ops.v0_2.cancel.<workspace>.<request>` | a `cancel` asking every worker to stop one request |
 //!
 //! `<class>` is `change` for mutating actions (served one at a time per workspace by a
 //! consumer with `max_ack_pending = 1`) and `read` for the rest.
@@ -71,6 +72,17 @@ pub fn frames_of_workspace(workspace: Option<&str>) -> String {
         Some(ws) => format!("{ROOT}.frames.{}.>", token(ws)),
         None => format!("{ROOT}.frames.>"),
     }
+}
+
+/// Where a `cancel` asks every worker (no queue group) to stop one request of a
+/// workspace: the worker that holds it answers.
+pub fn cancel(workspace: Option<&str>, request_id: &str) -> String {
+    format!("{ROOT}.cancel.{}.{}", scope(workspace), token(request_id))
+}
+
+/// Subscribe here to hear the cancels of one workspace's requests.
+pub fn cancels_of_workspace(workspace: Option<&str>) -> String {
+    format!("{ROOT}.cancel.{}.*", scope(workspace))
 }
 
 /// The JetStream stream holding durable requests (work-queue retention).

@@ -50,7 +50,7 @@ impl std::fmt::Debug for Tap {
 pub trait Checkpoint: Send + Sync + std::fmt::Debug {
     fn record<'a>(
         &'a self,
-        event_type: &'a str,
+        event_type: EventType,
         payload: &'a Map<String, Value>,
     ) -> futures::future::BoxFuture<'a, Result<(), String>>;
 }
@@ -126,7 +126,7 @@ impl Progress {
     /// durable store (in process, core request/reply) there is nothing to do.
     pub async fn checkpoint(
         &self,
-        event_type: &str,
+        event_type: EventType,
         payload: &Map<String, Value>,
     ) -> Result<(), String> {
         let checkpoint = self

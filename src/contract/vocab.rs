@@ -96,6 +96,8 @@ vocabulary! {
         RequestWaiting = "request.waiting",
         /// The request's action started.
         RequestStarted = "request.started",
+        /// The request was cancelled (payload `reason`, `state`: `waiting` or `running`).
+        RequestCancelled = "request.cancelled",
         /// The last frame of every request; the result follows.
         RequestFinished = "request.finished",
         /// A delegated request taken over from a worker that stopped.
@@ -126,6 +128,16 @@ vocabulary! {
         RuntimeStageCompleted = "runtime.stage_completed",
         /// The delegated work ended (payload `outcome`).
         RuntimeTerminal = "runtime.terminal",
+        /// A cancelled request's runtime work item was cancelled (`millrace queue cancel`).
+        RuntimeWorkItemCancelled = "runtime.work_item_cancelled",
+        /// A cancelled request taken over from a stopped worker is stopped, not resumed.
+        RuntimeNotResumed = "runtime.not_resumed",
+        /// The runtime was paused (`pause`; payload `reason`).
+        RuntimePaused = "runtime.paused",
+        /// The runtime was resumed after a pause (`resume`; payload `reason`).
+        RuntimeUnpaused = "runtime.unpaused",
+        /// A running pi turn was aborted (a cancelled `enqueue`).
+        AgentAborted = "agent.aborted",
     }
 }
 
@@ -181,6 +193,17 @@ vocabulary! {
         RunnerTimeout = "runner_timeout",
         /// The bridge could not reach the bus or lost its answer.
         TransportFailed = "transport_failed",
+        /// The request was cancelled (`cancel`, `ops --cancel`) before it finished.
+        Cancelled = "cancelled",
+        /// `cancel`: the request's holder was asked to stop it; its result says the end.
+        CancelPending = "cancel_pending",
+        /// `cancel`: the request had already finished; nothing was stopped.
+        RequestFinished = "request_finished",
+        /// `cancel`: no request with that id is known (running, waiting or stored).
+        RequestNotFound = "request_not_found",
+        /// `pause`/`resume`: the runtime's control command ran but its record could not be
+        /// written.
+        PauseRecordFailed = "pause_record_failed",
     }
 }
 
@@ -255,7 +278,7 @@ mod tests {
         check(Outcome::ALL, Outcome::as_str, Outcome::parse);
         check(Route::ALL, Route::as_str, Route::parse);
         check(JobState::ALL, JobState::as_str, JobState::parse);
-        assert_eq!(EventType::ALL.len(), 19);
+        assert_eq!(EventType::ALL.len(), 25);
         assert_eq!(EventType::parse("runtime.daemon_gone"), None);
     }
 

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::actions::binding::Bound;
+use crate::actions::cancel::{self, Ticket, Withdraw};
 use crate::actions::dispatch::{LaneKey, Plan, Service, Serving};
 use crate::contract::progress::Progress;
 use crate::contract::vocab::{ErrorCode, EventType, Severity};
@@ -54,6 +55,9 @@ pub struct SubmitHints {
     pub last_sequence: u64,
     /// What the subject the request arrived on binds; `None` in process (no subject).
     pub bound: Option<Bound>,
+    /// The request was cancelled while no worker held it (the reason): it is answered as
+    /// cancelled, and what a previous owner started is stopped, never resumed.
+    pub cancelled: Option<String>,
     /// Where the request's run stores its intent before queuing work (durable intake).
     pub checkpoint: Option<Arc<dyn crate::contract::progress::Checkpoint>>,
 }
@@ -66,10 +70,14 @@ struct Job {
     hints: SubmitHints,
     progress: Progress,
     span: tracing::Span,
+    ticket: Ticket,
 }
 
+/// A lane's hold on a waiting request: empty once a `cancel` has taken it out.
+type Slot = Arc<Mutex<Option<Job>>>;
+
 struct Lane {
-    tx: UnboundedSender<Job>,
+    tx: UnboundedSender<Slot>,
     /// Requests in this lane, running or waiting: a new arrival's position.
     depth: Arc<AtomicUsize>,
 }
@@ -214,6 +222,29 @@ impl Engine {
             "Request accepted.",
             payload! {"action" => request.action, "workspace_id" => plan.workspace_id},
         );
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let withdraw = plan.lane.is_some().then(|| {
+            let engine = Arc::downgrade(self);
+            let slot = slot.clone();
+            Box::new(move |reason: &str| {
+                let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match (job, engine.upgrade()) {
+                    (Some(job), Some(engine)) => {
+                        engine.answer_withdrawn(job, reason);
+                        true
+                    }
+                    _ => false,
+                }
+            }) as Withdraw
+        });
+        let ticket = self.service.cancels.register(
+            &request.request_id,
+            plan.resolution.root.as_deref(),
+            withdraw,
+        );
+        if let Some(reason) = &hints.cancelled {
+            self.service.cancels.mark(&ticket, reason);
+        }
         let job = Job {
             request,
             key,
@@ -221,9 +252,13 @@ impl Engine {
             hints,
             progress,
             span,
+            ticket,
         };
         match job.plan.lane.clone() {
-            Some(key) => self.enqueue(key, job),
+            Some(key) => {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
+                self.enqueue(key, slot);
+            }
             None => {
                 // Read-only work that needs no waiting (list, inspect, a current status
                 // snapshot) finishes in this first poll, on the receiving task: no task
@@ -277,7 +312,7 @@ impl Engine {
         });
     }
 
-    fn enqueue(self: &Arc<Self>, key: LaneKey, job: Job) {
+    fn enqueue(self: &Arc<Self>, key: LaneKey, slot: Slot) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let lane = lanes.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -289,33 +324,59 @@ impl Engine {
             Lane { tx, depth }
         });
         let position = lane.depth.fetch_add(1, Ordering::SeqCst);
-        job.progress.info(
-            EventType::RequestQueued,
-            if position == 0 {
-                "Request is next in its workspace lane.".to_string()
-            } else {
-                format!("Request waits behind {position} in its workspace lane.")
-            },
-            payload! {"lane" => lane_name(&job.plan), "position" => position},
-        );
-        if let Err(err) = lane.tx.send(job) {
+        if let Some(job) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            job.progress.info(
+                EventType::RequestQueued,
+                if position == 0 {
+                    "Request is next in its workspace lane.".to_string()
+                } else {
+                    format!("Request waits behind {position} in its workspace lane.")
+                },
+                payload! {"lane" => lane_name(&job.plan), "position" => position},
+            );
+        }
+        if let Err(err) = lane.tx.send(slot) {
             // The lane task is gone (shutdown): answer rather than lose the request.
             lane.depth.fetch_sub(1, Ordering::SeqCst);
-            let job = err.0;
-            let engine = self.clone();
-            self.tracker.spawn(async move { engine.run(job).await });
+            let job = err.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(job) = job {
+                let engine = self.clone();
+                self.tracker.spawn(async move { engine.run(job).await });
+            }
         }
+    }
+
+    /// Answers a request a `cancel` took out of its lane: it never ran.
+    fn answer_withdrawn(&self, job: Job, reason: &str) {
+        let span = job.span.clone();
+        let _entered = span.enter();
+        job.progress.emit(
+            EventType::RequestCancelled,
+            Severity::Warning,
+            "Request cancelled while it waited in its lane; it did not run.",
+            payload! {"reason" => reason, "state" => "waiting"},
+        );
+        let result = cancelled_result(&job, reason);
+        self.complete(job, result);
     }
 
     async fn lane_loop(
         self: Arc<Self>,
         key: LaneKey,
-        mut rx: UnboundedReceiver<Job>,
+        mut rx: UnboundedReceiver<Slot>,
         depth: Arc<AtomicUsize>,
     ) {
-        while let Some(job) = rx.recv().await {
+        while let Some(slot) = rx.recv().await {
+            let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(job) = job else {
+                // Cancelled while it waited: already answered.
+                depth.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            };
             let guard = match &key {
-                LaneKey::Workspace(root) => lock_workspace(root, &job.progress).await,
+                LaneKey::Workspace(root) => {
+                    lock_workspace(root, &job.progress, &job.ticket.token).await
+                }
                 LaneKey::Sessions => None,
             };
             self.run(job).await;
@@ -325,73 +386,142 @@ impl Engine {
     }
 
     async fn run(&self, job: Job) {
-        let Job {
-            request,
-            key,
-            plan,
-            hints,
-            progress,
-            span,
-        } = job;
+        let span = job.span.clone();
         async {
-            progress.info(
-                EventType::RequestStarted,
-                "Request started.",
-                payload! {"action" => request.action},
-            );
-            let started_at = time::now();
-            let mut result = self
-                .service
-                .execute(
-                    &request,
-                    &plan,
-                    started_at,
-                    &progress,
-                    hints.resume.as_ref(),
-                )
-                .await;
-            let status = result.status.as_str();
-            let current = tracing::Span::current();
-            current.record("status", status);
-            if let Some(route) = &result.route {
-                current.record("route", route.as_str());
-            }
-            let outcome = result.completion.as_ref().map(|c| c.outcome.clone());
-            if let Some(outcome) = &outcome {
-                current.record("outcome", outcome.as_str());
-            }
-            let severity = if result.errors.is_empty() {
-                Severity::Info
+            let ticket = job.ticket.clone();
+            self.service.cancels.started(&ticket);
+            // A cancelled request taken over from a worker that is gone still runs its
+            // handler when it cleans up after itself: it stops what the owner started.
+            let cleanup = job.plan.action.cancels_itself() && job.hints.resume.is_some();
+            let result = if ticket.token.is_cancelled() && !cleanup {
+                None
             } else {
-                Severity::Error
+                job.progress.info(
+                    EventType::RequestStarted,
+                    "Request started.",
+                    payload! {"action" => job.request.action},
+                );
+                let started_at = time::now();
+                let execution = self.service.execute(
+                    &job.request,
+                    &job.plan,
+                    started_at,
+                    &job.progress,
+                    job.hints.resume.as_ref(),
+                    &ticket.token,
+                );
+                if job.plan.action.cancels_itself() {
+                    Some(execution.await)
+                } else {
+                    // Reads and control commands have nothing to clean up: dropping the
+                    // future kills their `millrace` child.
+                    tokio::select! {
+                        result = execution => Some(result),
+                        () = ticket.token.cancelled() => None,
+                    }
+                }
             };
-            let last = progress.emit(
-                EventType::RequestFinished,
-                severity,
-                format!("Request finished: {status}."),
-                payload! {"status" => status, "outcome" => outcome},
-            );
-            // The sequence of the request's last frame: an adapter that replays the
-            // frames from the bus later resumes from it. In-process (`ops --transport
-            // local`) no frame is kept anywhere, and the result stays the reference's.
-            if self.service.serving == Serving::Registered {
-                result.event_cursor = Some(last.to_string());
-            }
-            // Only a request that changed something is remembered after it finished.
-            let keep = plan.action.is_mutating();
-            let to = self.lock_ledger().finish(&key, &result, keep);
-            let result = Arc::new(result);
-            let _ = self.out.send(Outbound::Result {
-                to,
-                workspace: plan.workspace_id.clone(),
-                result,
-                trace: progress.trace(),
-                last_sequence: Some(progress.last_sequence()),
-            });
+            let result = match result {
+                Some(result) => result,
+                None => {
+                    let reason = self
+                        .service
+                        .cancels
+                        .reason(&ticket)
+                        .unwrap_or_else(|| ErrorCode::Cancelled.as_str().to_string());
+                    job.progress.emit(
+                        EventType::RequestCancelled,
+                        Severity::Warning,
+                        "Request cancelled; it was stopped.",
+                        payload! {"reason" => reason, "state" => "running"},
+                    );
+                    cancelled_result(&job, &reason)
+                }
+            };
+            self.complete(job, result);
         }
         .instrument(span)
         .await;
     }
+
+    /// Ends a request: its `request.finished` frame, its result to every waiter.
+    fn complete(&self, job: Job, result: OpsResult) {
+        let Job {
+            key,
+            plan,
+            progress,
+            ticket,
+            ..
+        } = job;
+        let status = result.status.as_str();
+        let current = tracing::Span::current();
+        current.record("status", status);
+        if let Some(route) = &result.route {
+            current.record("route", route.as_str());
+        }
+        let outcome = result.completion.as_ref().map(|c| c.outcome.clone());
+        if let Some(outcome) = &outcome {
+            current.record("outcome", outcome.as_str());
+        }
+        let code = result.errors.first().map(|e| e.code.clone());
+        if code.as_deref() == Some(cancel::CANCELLED.as_str())
+            && plan.action.cancels_itself()
+            && ticket.token.is_cancelled()
+        {
+            // A handler that stopped itself: its own frames said how; this one says that.
+            progress.emit(
+                EventType::RequestCancelled,
+                Severity::Warning,
+                "Request cancelled; its work was stopped.",
+                payload! {"reason" => self.service.cancels.reason(&ticket), "state" => "running"},
+            );
+        }
+        let severity = if result.errors.is_empty() {
+            Severity::Info
+        } else {
+            Severity::Error
+        };
+        let last = progress.emit(
+            EventType::RequestFinished,
+            severity,
+            format!("Request finished: {status}."),
+            payload! {"status" => status, "outcome" => outcome},
+        );
+        let mut result = result;
+        // The sequence of the request's last frame: an adapter that replays the frames
+        // from the bus later resumes from it. In-process (`ops --transport local`) no
+        // frame is kept anywhere, and the result stays the reference's.
+        if self.service.serving == Serving::Registered {
+            result.event_cursor = Some(last.to_string());
+        }
+        // Only a request that changed something is remembered after it finished.
+        let keep = plan.action.is_mutating();
+        let to = self.lock_ledger().finish(&key, &result, keep);
+        let result = Arc::new(result);
+        let _ = self.out.send(Outbound::Result {
+            to,
+            workspace: plan.workspace_id.clone(),
+            result: result.clone(),
+            trace: progress.trace(),
+            last_sequence: Some(last),
+        });
+        self.service
+            .cancels
+            .finish(&ticket, result.status.as_str(), code.as_deref());
+    }
+}
+
+/// The final result of a request stopped by a `cancel`.
+fn cancelled_result(job: &Job, reason: &str) -> OpsResult {
+    OpsResult::failure(
+        &job.request.request_id,
+        &job.request.action,
+        job.plan
+            .resolution
+            .workspace_ref(&job.request.workspace_ref),
+        time::now(),
+        cancel::cancelled_record(reason),
+    )
 }
 
 fn lane_name(plan: &Plan) -> String {
@@ -409,7 +539,11 @@ fn lane_name(plan: &Plan) -> String {
 /// `<root>/.millracer/lane.lock`, so two workers (or a worker and an in-process bridge)
 /// on one host never change one workspace at the same time. Polled, so no thread is tied
 /// up while another process holds it. A workspace that does not exist has nothing to lock.
-async fn lock_workspace(root: &std::path::Path, progress: &Progress) -> Option<std::fs::File> {
+async fn lock_workspace(
+    root: &std::path::Path,
+    progress: &Progress,
+    cancelled: &tokio_util::sync::CancellationToken,
+) -> Option<std::fs::File> {
     if !root.is_dir() {
         return None;
     }
@@ -440,6 +574,9 @@ async fn lock_workspace(root: &std::path::Path, progress: &Progress) -> Option<s
                 tracing::warn!(path = %path.display(), %err, "lane lock failed; running without it");
                 return None;
             }
+        }
+        if cancelled.is_cancelled() {
+            return None;
         }
         if !announced {
             announced = true;

@@ -195,3 +195,256 @@ pub fn command_cwd(cwd_option: Option<&Path>, workspace: &Path) -> PathBuf {
         std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
     }
 }
+
+/// The runtime's answer to an inspection or control command, as the 0.3.0 reference
+/// reports it (`_parsed_command_payload`): its JSON object when it prints one (a list
+/// becomes `items`), else its `key: value` lines as fields (`lines` for the rest, `text`
+/// when no line is a field), plus `command` (the argv) and `stderr` when not empty. The
+/// 0.21 CLI has no `--format json` for `queue`, `runs`, `control` or `doctor`.
+pub fn command_payload(out: &CommandOutput) -> Map<String, Value> {
+    let mut payload = parse_cli_payload(&out.stdout);
+    payload
+        .entry("command")
+        .or_insert_with(|| Value::from(out.argv.clone()));
+    let stderr = out.stderr.trim();
+    if !stderr.is_empty() {
+        payload
+            .entry("stderr")
+            .or_insert_with(|| Value::from(stderr));
+    }
+    payload
+}
+
+/// The reference's `_parse_cli_payload`.
+pub fn parse_cli_payload(stdout: &str) -> Map<String, Value> {
+    let text = stdout.trim();
+    let mut out = Map::new();
+    if text.is_empty() {
+        return out;
+    }
+    if let Ok(value) = serde_json::from_str::<Value>(text) {
+        match value {
+            Value::Object(map) => return map,
+            Value::Array(items) => {
+                out.insert("items".into(), Value::Array(items));
+            }
+            other => {
+                out.insert("value".into(), other);
+            }
+        }
+        return out;
+    }
+    let mut unparsed = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let field = [':', '=']
+            .into_iter()
+            .filter_map(|sep| line.split_once(sep))
+            .find_map(|(key, value)| {
+                let key = normalize_cli_key(key);
+                (!key.is_empty()).then(|| (key, parse_cli_scalar(value.trim())))
+            });
+        match field {
+            Some((key, value)) => {
+                out.insert(key, value);
+            }
+            None => unparsed.push(Value::from(line)),
+        }
+    }
+    if out.is_empty() {
+        out.insert("text".into(), Value::from(text));
+    } else if !unparsed.is_empty() {
+        out.insert("lines".into(), Value::Array(unparsed));
+    }
+    out
+}
+
+/// Lower case, runs of anything but `[a-z0-9]` become `_`, trimmed of `_`.
+fn normalize_cli_key(key: &str) -> String {
+    let mut out = String::new();
+    for c in key.trim().to_lowercase().chars() {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_matches('_').to_string()
+}
+
+fn parse_cli_scalar(value: &str) -> Value {
+    match value.to_lowercase().as_str() {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        "none" | "null" => return Value::Null,
+        _ => {}
+    }
+    let digits = value.strip_prefix('-').unwrap_or(value);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(n) = value.parse::<i64>() {
+            return Value::from(n);
+        }
+    } else if let Some((whole, frac)) = digits.split_once('.')
+        && !whole.is_empty()
+        && !frac.is_empty()
+        && whole
+            .bytes()
+            .chain(frac.bytes())
+            .all(|b| b.is_ascii_digit())
+        && let Ok(f) = value.parse::<f64>()
+    {
+        return Value::from(f);
+    }
+    Value::from(value)
+}
+
+/// `runs ls` prints one block of `key: value` lines per run, each starting `run_id:`.
+fn run_blocks(stdout: &str) -> Vec<Value> {
+    let mut blocks: Vec<String> = Vec::new();
+    for line in stdout.lines() {
+        if line.trim_start().starts_with("run_id:") || blocks.is_empty() {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    blocks
+        .iter()
+        .map(|b| parse_cli_payload(b))
+        .filter(|m| m.contains_key("run_id"))
+        .map(Value::Object)
+        .collect()
+}
+
+/// The inspection and control commands of the operator actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inspect {
+    /// `queue ls`
+    QueueList,
+    /// `queue show <id>`
+    QueueShow(String),
+    /// `runs ls`
+    RunsList,
+    /// `runs show <id>`
+    RunsShow(String),
+    /// `doctor`
+    Doctor,
+    /// `control pause`
+    Pause,
+    /// `control resume`
+    Resume,
+}
+
+impl Inspect {
+    fn args(&self) -> Vec<OsString> {
+        let words: &[&str] = match self {
+            Self::QueueList => &["queue", "ls"],
+            Self::QueueShow(_) => &["queue", "show"],
+            Self::RunsList => &["runs", "ls"],
+            Self::RunsShow(_) => &["runs", "show"],
+            Self::Doctor => &["doctor"],
+            Self::Pause => &["control", "pause"],
+            Self::Resume => &["control", "resume"],
+        };
+        let mut args: Vec<OsString> = words.iter().map(Into::into).collect();
+        if let Self::QueueShow(id) | Self::RunsShow(id) = self {
+            // An id that looks like an option would be taken as one: `--` ends options.
+            args.push("--".into());
+            args.push(id.into());
+        }
+        args
+    }
+}
+
+impl Millrace {
+    /// Runs an inspection or control command against a workspace and parses its answer
+    /// (see [`command_payload`]). A non-zero exit is an error.
+    pub async fn inspect(
+        &self,
+        what: &Inspect,
+        workspace: &Path,
+        cwd: &Path,
+    ) -> Result<Map<String, Value>, RuntimeError> {
+        let mut args = vec!["--workspace".into(), workspace.into()];
+        let mut command = what.args();
+        // Options before `--`, so the id stays the last word.
+        let tail = command
+            .iter()
+            .position(|a| a == "--")
+            .map(|i| command.split_off(i))
+            .unwrap_or_default();
+        command.append(&mut args);
+        command.extend(tail);
+        let out = self.run_checked(&command, cwd).await?;
+        let mut payload = command_payload(&out);
+        if *what == Inspect::RunsList {
+            // The reference's parse keeps only the last run's fields (keys repeat per run);
+            // every run is kept here too, in order.
+            payload.insert("runs".into(), Value::Array(run_blocks(&out.stdout)));
+        }
+        Ok(payload)
+    }
+
+    /// `queue cancel <id> --reason R`: the runtime requires a reason.
+    pub async fn cancel_work_item(
+        &self,
+        workspace: &Path,
+        cwd: &Path,
+        work_item_id: &str,
+        reason: &str,
+    ) -> Result<Map<String, Value>, RuntimeError> {
+        let args: Vec<OsString> = vec![
+            "queue".into(),
+            "cancel".into(),
+            "--workspace".into(),
+            workspace.into(),
+            "--reason".into(),
+            reason.into(),
+            "--".into(),
+            work_item_id.into(),
+        ];
+        let out = self.run_checked(&args, cwd).await?;
+        Ok(command_payload(&out))
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn cli_lines_become_fields_as_the_reference_parses_them() {
+        let parsed = parse_cli_payload(
+            "ok: true\nerrors: 0\nwarning: runner_binary_unavailable x\nratio = 1.5\nplain line\n",
+        );
+        assert_eq!(parsed["ok"], Value::Bool(true));
+        assert_eq!(parsed["errors"], Value::from(0));
+        assert_eq!(
+            parsed["warning"],
+            Value::from("runner_binary_unavailable x")
+        );
+        assert_eq!(parsed["ratio"], Value::from(1.5));
+        assert_eq!(parsed["lines"], serde_json::json!(["plain line"]));
+        assert_eq!(
+            parse_cli_payload("just text"),
+            serde_json::json!({"text": "just text"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        );
+        assert_eq!(
+            parse_cli_payload("[1,2]")["items"],
+            serde_json::json!([1, 2])
+        );
+        assert!(parse_cli_payload("  ").is_empty());
+        assert_eq!(
+            normalize_cli_key(" Active Task-Count "),
+            "active_task_count"
+        );
+    }
+}

@@ -187,6 +187,24 @@ impl Daemon {
         Ok(())
     }
 
+    /// Stops the daemon and its runners now: SIGTERM to its group, SIGKILL after `grace`
+    /// (at once when `grace` is zero). For a cancel, where waiting for the running stage to
+    /// end is what is not wanted; the stale state it leaves is cleared by the caller.
+    pub async fn kill(&mut self, grace: Duration) {
+        if !grace.is_zero() {
+            self.signal_group(nix::sys::signal::Signal::SIGTERM);
+        }
+        if grace.is_zero() || !self.wait_for(grace).await {
+            self.signal_group(nix::sys::signal::Signal::SIGKILL);
+            if let Some(child) = &mut self.child {
+                let _ = child.start_kill();
+            }
+            self.wait_for(Duration::from_secs(5)).await;
+        }
+        // Runners the daemon left behind in its group.
+        self.signal_group(nix::sys::signal::Signal::SIGKILL);
+    }
+
     /// Signals the daemon's process group (the daemon and the runners it started).
     fn signal_group(&self, signal: nix::sys::signal::Signal) {
         if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {

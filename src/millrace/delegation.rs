@@ -37,6 +37,9 @@ pub struct Plan<'a> {
     /// Set when another worker started this request and died: its work item is already
     /// queued (and maybe its daemon still runs), so nothing is written or queued again.
     pub resume: Option<&'a Resume>,
+    /// Fires when the request is cancelled: the run stops its daemon and cancels its
+    /// work item in the runtime (see [`cancel_run`]).
+    pub cancel: Option<&'a tokio_util::sync::CancellationToken>,
 }
 
 /// A work item a request queued, as recorded in the result store so another worker can
@@ -118,6 +121,12 @@ pub enum DelegationError {
     Intake(String),
     #[error("timed out waiting for Millrace daemon event in {0}")]
     Timeout(String),
+    /// A `cancel` stopped the run; the work item (if one was queued) is cancelled.
+    #[error("{detail}")]
+    Cancelled {
+        work_item_id: Option<String>,
+        detail: String,
+    },
 }
 
 impl DelegationError {
@@ -126,6 +135,7 @@ impl DelegationError {
             Self::Runtime(e) => e.code(),
             Self::Intake(_) => ErrorCode::IntakeFailed,
             Self::Timeout(_) => ErrorCode::DaemonTimeout,
+            Self::Cancelled { .. } => ErrorCode::Cancelled,
         }
     }
 }
@@ -135,6 +145,17 @@ impl DelegationError {
 const BACKSTOP: Duration = Duration::from_secs(5);
 
 pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, DelegationError> {
+    let never = tokio_util::sync::CancellationToken::new();
+    let cancel = plan.cancel.unwrap_or(&never);
+    if cancel.is_cancelled() {
+        return Err(match plan.resume.and_then(Resume::document) {
+            Some(doc) => cancel_taken_over(plan, &doc, progress).await,
+            None => DelegationError::Cancelled {
+                work_item_id: None,
+                detail: "The request was cancelled before anything was queued.".into(),
+            },
+        });
+    }
     let ws = plan.workspace;
     let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
     let ws_arg = ws.as_os_str().to_owned();
@@ -271,7 +292,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
             // The intent is stored before `queue add`: a worker taking over after a crash
             // right after queuing finds this id in the runtime rather than queuing again.
             if let Err(err) = progress
-                .checkpoint("runtime.intake_written", &written)
+                .checkpoint(EventType::RuntimeIntakeWritten, &written)
                 .await
             {
                 tracing::warn!(%err, work_item_id = %doc.id, "cannot record the intent to queue; queuing anyway");
@@ -351,6 +372,9 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         tokio::select! {
             _ = wake.recv() => {}
             _ = tokio::time::sleep(BACKSTOP.min(deadline - now)) => {}
+            () = cancel.cancelled() => {
+                return Err(cancel_run(plan, &mut daemon, &document.id, &mut tail, &mut tracker, progress).await);
+            }
             code = daemon.wait() => {
                 // Read what the daemon wrote before it ended.
                 if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
@@ -473,6 +497,119 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         warnings,
         restarts,
     })
+}
+
+/// A request cancelled while its worker was gone: what that worker started is stopped (its
+/// daemon, when still alive) and its work item cancelled, never resumed.
+async fn cancel_taken_over(
+    plan: &Plan<'_>,
+    doc: &IntakeDocument,
+    progress: &Progress,
+) -> DelegationError {
+    progress.emit(
+        EventType::RuntimeNotResumed,
+        Severity::Warning,
+        format!(
+            "The request was cancelled while no worker held it: {} {} is cancelled, not resumed.",
+            doc.kind.as_str(),
+            doc.id
+        ),
+        payload! {"work_item_id" => doc.id},
+    );
+    let log_path = plan
+        .workspace
+        .join(".millracer")
+        .join("logs")
+        .join(format!("daemon-{}.log", plan.log_name));
+    let mut daemon = plan
+        .resume
+        .and_then(|r| r.daemon_pid)
+        .and_then(|pid| Daemon::adopt(pid, log_path));
+    cancel_work(plan, daemon.as_mut(), &doc.id, None, progress).await
+}
+
+/// Stops a running delegated run at once: the daemon's process group is killed (the
+/// runtime defers `queue cancel` while a stage runs, and `control stop` waits for the
+/// stage to end), the work item left active is requeued (`control clear-stale-state`)
+/// and then cancelled in the runtime (`queue cancel`, which records it under
+/// `queue/cancelled/`), so no later stage runs it.
+async fn cancel_run(
+    plan: &Plan<'_>,
+    daemon: &mut Daemon,
+    work_item_id: &str,
+    tail: &mut EventTail,
+    tracker: &mut Tracker,
+    progress: &Progress,
+) -> DelegationError {
+    cancel_work(
+        plan,
+        Some(daemon),
+        work_item_id,
+        Some((tail, tracker)),
+        progress,
+    )
+    .await
+}
+
+async fn cancel_work(
+    plan: &Plan<'_>,
+    daemon: Option<&mut Daemon>,
+    work_item_id: &str,
+    seen: Option<(&mut EventTail, &mut Tracker)>,
+    progress: &Progress,
+) -> DelegationError {
+    let ws = plan.workspace;
+    if let Some(daemon) = daemon {
+        // SIGKILL at once: the daemon's graceful exit takes 1-2 s, and what it would tidy
+        // (the ownership lock, the active run) `clear-stale-state` tidies next.
+        daemon.kill(Duration::ZERO).await;
+        // What the runtime wrote before it was stopped, so the frames show the last stage.
+        if let Some((tail, tracker)) = seen {
+            let _ = drain(tail, tracker, progress);
+        }
+        progress.emit(
+            EventType::RuntimeDaemonStopped,
+            Severity::Warning,
+            "The Millrace daemon was stopped to cancel the request.",
+            payload! {"pid" => daemon.pid(), ErrorCode::Cancelled => true},
+        );
+    }
+    let clear: Vec<std::ffi::OsString> = vec![
+        "control".into(),
+        "clear-stale-state".into(),
+        "--workspace".into(),
+        ws.into(),
+    ];
+    if let Err(err) = plan.millrace.run_checked(&clear, plan.cwd).await {
+        tracing::warn!(%err, "clear-stale-state after cancel failed");
+    }
+    let reason = "cancelled through millracer";
+    let cancelled = plan
+        .millrace
+        .cancel_work_item(ws, plan.cwd, work_item_id, reason)
+        .await;
+    let (severity, message, applied) = match &cancelled {
+        Ok(answer) => (
+            Severity::Warning,
+            format!("Work item {work_item_id} cancelled in the Millrace runtime."),
+            answer.get("applied").cloned(),
+        ),
+        Err(err) => (
+            Severity::Error,
+            format!("The runtime did not cancel work item {work_item_id}: {err}"),
+            None,
+        ),
+    };
+    progress.emit(
+        EventType::RuntimeWorkItemCancelled,
+        severity,
+        message.clone(),
+        payload! {"work_item_id" => work_item_id, "applied" => applied, "runtime" => cancelled.as_ref().ok()},
+    );
+    DelegationError::Cancelled {
+        work_item_id: Some(work_item_id.to_string()),
+        detail: format!("The request was cancelled; its daemon was stopped. {message}"),
+    }
 }
 
 fn drain(tail: &mut EventTail, tracker: &mut Tracker, progress: &Progress) -> Option<Verdict> {

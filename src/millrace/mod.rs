@@ -9,6 +9,7 @@ pub mod command;
 pub mod daemon;
 pub mod delegation;
 pub mod exit_watch;
+pub mod health;
 pub mod intake;
 pub mod monitor;
 pub mod records;

@@ -115,6 +115,24 @@ impl EventTail {
     }
 }
 
+/// The complete events in the last `max_bytes` of the log (a partial first line is
+/// skipped), oldest first.
+pub fn read_recent(workspace: &Path, max_bytes: u64) -> Vec<RuntimeEvent> {
+    let path = events_path(workspace);
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max_bytes);
+    let mut tail = EventTail {
+        path,
+        offset: start,
+    };
+    let mut events = tail.read_new();
+    if start > 0 && !events.is_empty() {
+        // The first line read may be the end of a longer one; it parsed only by chance.
+        events.remove(0);
+    }
+    events
+}
+
 /// Where a work item's card lives: `<family>/<state>/<id>.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lifecycle {
