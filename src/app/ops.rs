@@ -841,14 +841,22 @@ async fn jetstream_parts(
 /// How long the bridge waits for a JetStream that answers with transient errors.
 const JETSTREAM_PATIENCE: Duration = Duration::from_secs(30);
 
-/// An error of a cluster in failover (or a broker restarting), not of a missing stream.
-fn transient(error: &str) -> bool {
+/// An error of a cluster in failover, not of a missing stream. "No responders" is not
+/// one here: a broker without JetStream answers its API that way, at once, and that is
+/// "no worker" without waiting.
+fn failing_over(error: &str) -> bool {
     let error = error.to_ascii_lowercase();
-    error.contains("timed out")
-        || error.contains("no responders")
-        || error.contains("503")
-        || error.contains("temporarily unavailable")
-        || error.contains("no stream found for given subject")
+    error.contains("timed out") || error.contains("temporarily unavailable")
+}
+
+/// An error reading a bucket that exists, while its stream has no leader yet (just
+/// created, or its server died): direct gets find no responder for a moment.
+fn transient(error: &str) -> bool {
+    let lower = error.to_ascii_lowercase();
+    failing_over(error)
+        || lower.contains("no responders")
+        || lower.contains("503")
+        || lower.contains("no stream found for given subject")
 }
 
 /// [`durable::read_record`], retried while JetStream answers with transient errors.
