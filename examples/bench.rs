@@ -401,11 +401,24 @@ fn kill_marked(mark: &str) {
 // The parts: broker, workspaces, workers
 // ---------------------------------------------------------------------------------------
 
-/// A private nats-server on 127.0.0.1 and a random port (core NATS only; the worker does
-/// not use JetStream).
+/// A private nats-server on 127.0.0.1 and a random port (core NATS only: the figures that
+/// use it send core requests, and `ops` on it falls back to request/reply).
 fn start_nats(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Spawned, String)> {
+    start_nats_with(ctx, dir, false)
+}
+
+/// A private nats-server with JetStream (its store under `dir`), for the figures that
+/// measure the default durable submission.
+fn start_nats_js(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Spawned, String)> {
+    start_nats_with(ctx, dir, true)
+}
+
+fn start_nats_with(ctx: &Ctx, dir: &Path, jetstream: bool) -> anyhow::Result<(Spawned, String)> {
     let log = std::fs::File::create(dir.join("nats-server.log"))?;
     let (mut cmd, mark) = ctx.command(&ctx.nats_server, dir);
+    if jetstream {
+        cmd.arg("-js").arg("-sd").arg(dir.join("jetstream"));
+    }
     cmd.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
         .arg(dir)
         .stdout(log.try_clone()?)
@@ -1329,7 +1342,7 @@ async fn ops_status(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             .join(" ")
     };
     report.note(format!(
-        "[3] runs alternate ours/reference after one warm-up each; ours (ms): {}; reference (ms): {}; {} of our runs took ≤ 300 ms (median {}: the worker answered from its status snapshot), {} took longer (median {}: the snapshot was older than 2 s, so the worker ran `millrace status` first); failures {} (ours) {} (reference)",
+        "[3] runs alternate ours/reference after one warm-up each; ours (ms): {}; reference (ms): {}; {} of our runs took ≤ 300 ms (median {}), {} took longer (median {}); failures {} (ours) {} (reference)",
         fmt(&ours),
         fmt(&theirs),
         hits.len(),
@@ -1855,7 +1868,7 @@ async fn status_throughput(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
         Some(ratio >= 100.0),
     );
     report.note(format!(
-        "[7] ours: {} ok, {} errors; latency p50 {}, p99 {}, p99.9 {}, max {}; {} requests took > 50 ms (they arrived while the snapshot, older than 2 s, was being refreshed: every status request waits for that `millrace status`); CPU over the window: {}; reference: {ref_ok} of {runs} runs succeeded",
+        "[7] ours: {} ok, {} errors; latency p50 {}, p99 {}, p99.9 {}, max {}; {} requests took > 50 ms; CPU over the window: {}; reference: {ref_ok} of {runs} runs succeeded",
         load.ok,
         load.errors,
         us(load.latency.p50),
@@ -1916,7 +1929,7 @@ async fn status_paced(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let dir = ctx.dir("8-status-paced")?;
     let ws = dir.join("ws");
     init_workspace(ctx, &ws)?;
-    let (_nats, url) = start_nats(ctx, &dir)?;
+    let (_nats, url) = start_nats_js(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
     wait_answering(&client, &subjects::request_any()).await?;
@@ -2041,7 +2054,7 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let ref_ws = dir.join("ref-ws");
     stand_in_workspace(ctx, &ws, json!({}))?;
     stand_in_workspace(ctx, &ref_ws, json!({}))?;
-    let (_nats, url) = start_nats(ctx, &dir)?;
+    let (_nats, url) = start_nats_js(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
     wait_answering(&client, &subjects::request_any()).await?;
@@ -2070,7 +2083,10 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let home = dir.join("ops-home");
     std::fs::create_dir_all(&home)?;
     let ours_args = os_args(&["ops", "--json", "--nats-url", &url]);
-    let ref_args = reference_args(ctx, &ref_ws);
+    // The reference asks pi for its final answer even on route `millrace`: it gets the
+    // stand-in runner too.
+    let mut ref_args = reference_args(ctx, &ref_ws);
+    ref_args.extend(["--pi-command".into(), ctx.stand_in.as_os_str().to_owned()]);
     let mut from_record: [Vec<f64>; 2] = Default::default();
     let mut from_frame = Vec::new();
     let mut outcomes: [Vec<String>; 2] = Default::default();
@@ -2146,7 +2162,7 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             .join(" ")
     };
     report.note(format!(
-        "[9] {runs} task enqueues per side (route millrace, intake task, stand-in stages with no delay), sides alternating; ours by `ops --json` with the default transport (durable), the reference in-process on its own workspace; frame → exit (ms): {}; record → exit, ours (ms): {}; reference (ms): {}; outcomes ours {:?}, reference {:?}. Record → exit includes what each does after the work ends: stopping the daemon (`control stop`) and a final `millrace status`",
+        "[9] {runs} task enqueues per side (route millrace, intake task, stand-in stages with no delay), sides alternating; ours by `ops --json` with the default transport (durable), the reference in-process on its own workspace (its final pi answer from the stand-in, `--pi-command`); frame → exit (ms): {}; record → exit, ours (ms): {}; reference (ms): {}; outcomes ours {:?}, reference {:?}. Record → exit includes what each does after the work ends: stopping the daemon (`control stop`) and a final `millrace status`",
         fmt(&from_frame),
         fmt(&from_record[0]),
         fmt(&from_record[1]),

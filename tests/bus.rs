@@ -126,52 +126,107 @@ fn stream_json_prints_ordered_frames_then_one_result() {
     let ws = Workspace::init();
     let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
     rt().block_on(async { worker.wait_ready(&nats.client().await).await });
-    let request = request_json(
-        "req-stream-1",
+    // Durable (the default submission: the result from the results bucket, frames
+    // replayed up to the record's last_sequence) and core request/reply (frames up to the
+    // result's Millracer-Sequence header): every frame, then the result, on both.
+    for (id, submit) in [("req-stream-1", "durable"), ("req-stream-2", "request")] {
+        let request =
+            request_json(id, "status", json!({"workspace_id": "demo"}), json!({})).to_string();
+        let out = run_ops(
+            &[
+                "ops",
+                "--stream-json",
+                "--transport",
+                "nats",
+                "--submit",
+                submit,
+                "--nats-url",
+                &nats.url,
+            ],
+            &request,
+            &[],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| parse(l.as_bytes()))
+            .collect();
+        let (result, frames) = lines.split_last().expect("at least one line");
+        assert_valid("result", result);
+        assert_eq!(result["request_id"], id);
+        let types: Vec<&str> = frames
+            .iter()
+            .map(|f| f["event_type"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            types,
+            ["request.accepted", "request.started", "request.finished"],
+            "{submit}"
+        );
+        for (i, frame) in frames.iter().enumerate() {
+            assert_valid("frame", frame);
+            assert_eq!(frame["sequence"], json!(i + 1));
+            assert_eq!(frame["request_id"], id);
+        }
+        assert_eq!(frames[2]["payload"]["status"], "succeeded");
+    }
+}
+
+/// The bridge learns of a durable result as it is written (a subscription on the result
+/// key's subject), not from its slow fallback poll: with the workspace's status snapshot
+/// warm, a durable `status` ends well inside the poll's first period (5 s).
+#[test]
+fn a_durable_result_is_seen_as_it_is_written() {
+    let nats = NatsServer::start();
+    let ws = Workspace::init();
+    let worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &[]);
+    rt().block_on(async { worker.wait_ready(&nats.client().await).await });
+    let args = [
+        "ops",
+        "--json",
+        "--transport",
+        "nats",
+        "--nats-url",
+        &nats.url,
+    ];
+    let warm = request_json(
+        "req-warm",
         "status",
         json!({"workspace_id": "demo"}),
         json!({}),
-    )
-    .to_string();
-    let out = run_ops(
-        &[
-            "ops",
-            "--stream-json",
-            "--transport",
-            "nats",
-            "--nats-url",
-            &nats.url,
-        ],
-        &request,
-        &[],
     );
+    let out = run_ops(&args, &warm.to_string(), &[]);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| parse(l.as_bytes()))
-        .collect();
-    let (result, frames) = lines.split_last().expect("at least one line");
-    assert_valid("result", result);
-    assert_eq!(result["request_id"], "req-stream-1");
-    let types: Vec<&str> = frames
-        .iter()
-        .map(|f| f["event_type"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(
-        types,
-        ["request.accepted", "request.started", "request.finished"]
+    let request = request_json(
+        "req-seen",
+        "status",
+        json!({"workspace_id": "demo"}),
+        json!({}),
     );
-    for (i, frame) in frames.iter().enumerate() {
-        assert_valid("frame", frame);
-        assert_eq!(frame["sequence"], json!(i + 1));
-        assert_eq!(frame["request_id"], "req-stream-1");
-    }
-    assert_eq!(frames[2]["payload"]["status"], "succeeded");
+    let started = std::time::Instant::now();
+    let out = run_ops(&args, &request.to_string(), &[]);
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse(&out.stdout)["status"], "succeeded");
+    assert!(
+        took < Duration::from_secs(4),
+        "the durable result took {took:?}: found by the fallback poll, not as it was written"
+    );
 }
 
 #[test]

@@ -215,7 +215,7 @@ impl Proof<'_> {
             if served == truth {
                 let lag = changed.elapsed();
                 eprintln!(
-                    "{case}: served equal to the runtime {} ms after the change, {} ms after a fresh `millrace status` started then had answered",
+                    "{case}: served equal to the runtime {} ms after the change, {} ms after a fresh `millrace status` (started after the change) answered",
                     lag.as_millis(),
                     lag.saturating_sub(truth_at).as_millis()
                 );

@@ -25,6 +25,7 @@ use notify::{RecursiveMode, Watcher};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::millrace::command::{Millrace, RuntimeError};
 use crate::millrace::exit_watch;
@@ -150,6 +151,9 @@ impl StatusCache {
             safety_net: self.safety_net,
             refreshes: self.refreshes.clone(),
             daemon: None,
+            // The first refresh is the first request's work (it waits for it): traced
+            // under that request's span. Later ones belong to no request.
+            first_span: Some(tracing::Span::current()),
         };
         let stop = self.stop.clone();
         tokio::spawn(async move {
@@ -209,6 +213,7 @@ struct Refresher {
     safety_net: Duration,
     refreshes: Arc<AtomicU64>,
     daemon: Option<WatchedDaemon>,
+    first_span: Option<tracing::Span>,
 }
 
 impl Drop for Refresher {
@@ -229,9 +234,11 @@ impl Refresher {
             // Watch the lock's daemon before asking: if it dies during or after the
             // call, that wakes the next refresh.
             self.watch_daemon();
+            let span = self.first_span.take().unwrap_or_else(tracing::Span::none);
             let value = self
                 .millrace
                 .status(&self.workspace, &self.cwd)
+                .instrument(span)
                 .await
                 .map(Arc::new);
             self.refreshes.fetch_add(1, Ordering::Relaxed);
