@@ -831,7 +831,8 @@ fn a_request_whose_worker_was_killed_is_cancelled_and_the_new_owner_does_not_res
         let shown = millrace(&["queue", "show", &item], ws.path());
         assert!(
             shown.contains("work_item_state: queue_cancelled"),
-            "{shown}"
+            "{shown}\n{types:?}\n{}",
+            second.log()
         );
         let started: Vec<Value> = ws
             .calls()
@@ -839,5 +840,80 @@ fn a_request_whose_worker_was_killed_is_cancelled_and_the_new_owner_does_not_res
             .filter(|c| c["event"] == "started")
             .collect();
         assert_eq!(started.len(), 1, "only the first builder ran: {started:#?}");
+    });
+}
+
+#[test]
+fn cancel_during_a_pi_turn_abandons_the_turn_and_answers_the_caller() {
+    use common::pi::{ModelServer, PiHome};
+    // The model takes a minute to answer the decision turn.
+    let server = ModelServer::start(json!({"replies": [
+        {"when": "Decide whether", "text": "```json\n{\"decision\": \"direct\"}\n```", "delay_seconds": 60}
+    ], "default": {"text": "ok"}}));
+    let home = PiHome::new(&server, None);
+    let ws = StandInWorkspace::new(json!({}));
+    let nats = NatsServer::start();
+    let pi = common::pi_bin().display().to_string();
+    let env = home.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let worker = Worker::spawn_with(
+        &nats.url,
+        &[("ws", ws.path())],
+        &[
+            "--pi-runner",
+            "--pi-command",
+            &pi,
+            "--provider",
+            "fake",
+            "--model",
+            "fake-chat",
+        ],
+        &env,
+        None,
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let request = request_json(
+            "pi-slow-1",
+            "enqueue",
+            json!({"workspace_id": "ws"}),
+            json!({"kind": "natural_language", "text": "Think about the build for a while"}),
+        );
+        let running = send(&client, "ws", &request).await;
+        // The decision turn reached the model.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.requests().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "pi never asked the model: {}",
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t0 = Instant::now();
+        let c = ask(
+            &client,
+            "ws",
+            &action(
+                "cancel-pi",
+                "ws",
+                "cancel",
+                json!({"request_id": "pi-slow-1"}),
+            ),
+        )
+        .await;
+        let (r, frames) = running.finish().await;
+        eprintln!(
+            "cancel of a pi turn answered its caller in {:?}",
+            t0.elapsed()
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert_eq!(c["status"], "succeeded", "{c:#}");
+        assert_eq!(r["status"], "failed", "{r:#}");
+        assert_eq!(r["errors"][0]["code"], "cancelled", "{r:#}");
+        let t = types(&frames);
+        assert!(t.contains(&"agent.aborted".to_string()), "{t:?}");
+        assert!(t.contains(&"request.cancelled".to_string()), "{t:?}");
     });
 }

@@ -4,8 +4,8 @@
 //!   result at once.
 //! - A **running** request is told to stop: a delegated run kills the daemon it started
 //!   (and with it the running stage), requeues the work item (`control clear-stale-state`)
-//!   and cancels it in the runtime (`queue cancel`); a pi turn is abandoned and its pi
-//!   process closed; a read or control command is dropped (its `millrace` child killed).
+//!   and cancels it in the runtime (`queue cancel`); a pi turn is stopped (pi's RPC
+//!   `abort`, then its process is closed); a read or control command is dropped (its `millrace` child killed).
 //!   `cancel` answers once the request has ended.
 //! - A request **finished** before, or **unknown** here, is said to be so
 //!   (`request_finished`, `request_not_found`).

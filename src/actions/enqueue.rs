@@ -129,8 +129,7 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
         inner: delegate,
         delegating: &delegating,
     };
-    let running = runner::run(&session, &task, &options, delegate);
-    tokio::pin!(running);
+    let mut running = Box::pin(runner::run(&session, &task, &options, delegate));
     // A cancel during a pi turn abandons the turn (closing the session ends its pi
     // process); during delegation the delegated run stops itself and returns.
     let outcome = loop {
@@ -140,6 +139,11 @@ pub async fn run(cx: Context<'_>) -> OpsResult {
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if cx.cancel.is_cancelled() => {}
         }
     };
+    // An abandoned turn still holds the session's process: let go of it first.
+    drop(running);
+    if outcome.is_none() {
+        session.abort().await;
+    }
     session.close().await;
     match outcome {
         Some(Ok(run)) => ops_result(&cx, &task, &run),

@@ -580,18 +580,43 @@ async fn cancel_work(
         "--workspace".into(),
         ws.into(),
     ];
-    if let Err(err) = plan.millrace.run_checked(&clear, plan.cwd).await {
-        tracing::warn!(%err, "clear-stale-state after cancel failed");
-    }
     let reason = "cancelled through millracer";
-    let cancelled = plan
-        .millrace
-        .cancel_work_item(ws, plan.cwd, work_item_id, reason)
-        .await;
+    // The runtime refuses (`applied: false`) while it still sees an active stage: requeue
+    // the item and try again, a few times.
+    let mut cancelled = Err(RuntimeError::Spawn("not tried".into()));
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let Err(err) = plan.millrace.run_checked(&clear, plan.cwd).await {
+            tracing::warn!(%err, "clear-stale-state after cancel failed");
+        }
+        cancelled = plan
+            .millrace
+            .cancel_work_item(ws, plan.cwd, work_item_id, reason)
+            .await;
+        let applied = cancelled
+            .as_ref()
+            .is_ok_and(|a| a.get("applied") == Some(&serde_json::Value::Bool(true)));
+        if applied {
+            break;
+        }
+        tracing::warn!(attempt, answer = ?cancelled, "the runtime did not apply the cancel yet");
+    }
     let (severity, message, applied) = match &cancelled {
-        Ok(answer) => (
+        Ok(answer) if answer.get("applied") == Some(&serde_json::Value::Bool(true)) => (
             Severity::Warning,
             format!("Work item {work_item_id} cancelled in the Millrace runtime."),
+            answer.get("applied").cloned(),
+        ),
+        Ok(answer) => (
+            Severity::Error,
+            format!(
+                "The runtime did not apply the cancel of work item {work_item_id}: {}",
+                answer
+                    .get("detail")
+                    .map_or_else(|| "no detail".to_string(), |d| d.to_string())
+            ),
             answer.get("applied").cloned(),
         ),
         Err(err) => (

@@ -230,6 +230,14 @@ impl PiSession {
         }
     }
 
+    /// A cancel: pi is asked to stop its turn (RPC `abort`), then the process ends. A print
+    /// session has no process between turns; an abandoned one was killed with its turn.
+    pub async fn abort(&self) {
+        if let Self::Rpc(s) = self {
+            s.abort_and_close().await;
+        }
+    }
+
     /// How many pi processes this session started so far.
     pub fn processes_started(&self) -> u64 {
         match self {

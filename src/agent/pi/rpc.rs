@@ -112,6 +112,16 @@ impl RpcSession {
         Err(error)
     }
 
+    /// Asks pi to stop the turn in progress (RPC `abort`), then ends the process: for a
+    /// turn abandoned by a cancel.
+    pub async fn abort_and_close(&self) {
+        let process = self.process.lock().await.take();
+        if let Some(mut process) = process {
+            process.abort().await;
+            process.close().await;
+        }
+    }
+
     pub async fn close(&self) {
         let process = self.process.lock().await.take();
         if let Some(process) = process {
