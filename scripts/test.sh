@@ -4,7 +4,8 @@
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo test --all-targets [ARGS...]   with MILLRACER_TEST_NATS_SERVER, MILLRACER_TEST_MILLRACE
-#      and MILLRACER_TEST_PI set to the binaries setup.sh installed.
+#      MILLRACER_TEST_PI and MILLRACER_TEST_REFERENCE (the Python reference, for tests/parity.rs)
+#      set to the binaries setup.sh installed.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 #   scripts/test.sh                          everything
@@ -30,6 +31,7 @@ scripts/setup.sh || fail "scripts/setup.sh"
 export MILLRACER_TEST_NATS_SERVER="$ROOT/.venv/bin/nats-server"
 export MILLRACER_TEST_MILLRACE="$ROOT/.venv/bin/millrace"
 export MILLRACER_TEST_PI="$ROOT/.tools/pi/node_modules/.bin/pi"
+export MILLRACER_TEST_REFERENCE="$ROOT/.venv-ref/bin/millracer"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 step "cargo fmt --all -- --check"
