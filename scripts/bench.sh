@@ -13,7 +13,8 @@
 #   2. (nothing else to install);
 #   3. cargo build --release of the worker binary and of examples/bench.rs;
 #   4. runs the example; every process it starts (nats-server, workers, the reference,
-#      runtime daemons) is private to the run and killed at its end.
+#      runtime daemons) is private to the run and killed at its end. Its whole output (with
+#      the commit measured) is kept in docs/benchmark-runs/.
 # Results and method: docs/benchmarks.md.
 set -euo pipefail
 
@@ -41,5 +42,12 @@ cargo build --release --quiet --bin millracer --example bench || die "cargo buil
 export MILLRACER_BENCH_NATS_SERVER="$ROOT/.venv/bin/nats-server"
 export MILLRACER_BENCH_MILLRACE="$ROOT/.venv/bin/millrace"
 export MILLRACER_BENCH_REFERENCE="$REF_VENV/bin/millracer"
-say "running: cargo run --release --example bench -- $*"
-exec cargo run --release --quiet --example bench -- "$@"
+# The commit measured (with -dirty when the measured sources differ from it), and the raw
+# output kept beside the docs: docs/benchmark-runs/bench-<commit>-<UTC time>.txt.
+COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD -- src examples benches Cargo.toml Cargo.lock 2>/dev/null || COMMIT="$COMMIT-dirty"
+export MILLRACER_BENCH_COMMIT="$COMMIT"
+mkdir -p docs/benchmark-runs
+OUT="docs/benchmark-runs/bench-$COMMIT-$(date -u +%Y%m%dT%H%M%SZ).txt"
+say "running: cargo run --release --example bench -- $* (raw output: $OUT)"
+cargo run --release --quiet --example bench -- "$@" 2>&1 | tee "$OUT"

@@ -41,7 +41,7 @@ fn ops(nats: &NatsServer, request: &Value, extra: &[&str]) -> std::process::Outp
         nats.url.as_str(),
     ];
     args.extend_from_slice(extra);
-    run_ops(&args, request.to_string(), &[])
+    run_ops(&args, &request.to_string(), &[])
 }
 
 /// Sends `request`, kills the runtime daemon when `kill_at` says so (given each frame), and
@@ -226,7 +226,7 @@ fn ops_exits_four_when_its_timeout_passes_on_either_submission() {
                 "--nats-url",
                 &nats.url,
             ],
-            enqueue(id, "alpha").to_string(),
+            &enqueue(id, "alpha").to_string(),
             &[],
         );
         let took = started.elapsed();

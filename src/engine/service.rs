@@ -203,11 +203,13 @@ impl Engine {
             trace::context_of(&span),
             hints.last_sequence,
         );
-        progress.info(
-            "request.accepted",
-            "Request accepted.",
-            payload! {"action" => request.action, "workspace_id" => plan.workspace_id},
-        );
+        // `workspace_id` only when one was resolved: the frame schema has it optional and a
+        // string, never null.
+        let mut accepted = payload! {"action" => request.action};
+        if let Some(id) = &plan.workspace_id {
+            accepted.insert("workspace_id".to_string(), serde_json::json!(id));
+        }
+        progress.info("request.accepted", "Request accepted.", accepted);
         let job = Job {
             request,
             key,

@@ -754,18 +754,18 @@ impl Drop for Worker {
 /// Also a failure: the command exits but something it started keeps its stdout/stderr open
 /// for 5 s (a caller waiting for end-of-output, like a shell's `$(…)`, would hang). Processes
 /// it started that do not hold the pipes are left running.
-pub fn run_ops(args: &[&str], stdin: impl AsRef<[u8]>, env: &[(&str, &str)]) -> Output {
+pub fn run_ops(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
     run_ops_with_timeout(args, stdin, env, RUN_OPS_TIMEOUT)
 }
 
 /// [`run_ops`] with another watchdog.
 pub fn run_ops_with_timeout(
     args: &[&str],
-    stdin: impl AsRef<[u8]>,
+    stdin: &str,
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Output {
-    run_command(millracer_command(), args, stdin.as_ref(), env, timeout)
+    run_command(millracer_command(), args, stdin.as_bytes(), env, timeout)
 }
 
 /// Runs `cmd` (a program with the test environment, e.g. from [`millracer_command`]) like
