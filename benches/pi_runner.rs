@@ -8,8 +8,8 @@
 //!     `millracer==0.2.0 run`, same task, same server, same pi, runs interleaved.
 //!
 //! Run: `scripts/setup.sh && cargo bench --bench pi_runner`. The reference is
-//! `$MILLRACER_REF`, else `.venv-ref/bin/millracer`, which is created on first use
-//! (`python3 -m venv .venv-ref && .venv-ref/bin/pip install millracer==0.2.0`).
+//! `$MILLRACER_REF`, else `.venv-ref/bin/millracer`, installed by `scripts/setup.sh`
+//! (`millracer==0.2.0` with `millrace-ai==0.21.1`, pinned together).
 //! Knobs: `BENCH_TURNS` (default 300 per side), `BENCH_RUNS` (default 15 per side).
 
 use std::io::{BufRead, BufReader as StdBufReader};
@@ -37,31 +37,21 @@ fn pi_bin() -> PathBuf {
     path
 }
 
-/// The reference CLI, installed into `.venv-ref/` when missing.
+/// The reference CLI (`millracer==0.2.0` with `millrace-ai==0.21.1`, pinned together):
+/// `$MILLRACER_REF`, else `.venv-ref/bin/millracer` as `scripts/setup.sh` installs it; run
+/// `scripts/setup.sh` when it is missing or its pins are not the ones it recorded.
 fn reference_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("MILLRACER_REF") {
         return PathBuf::from(path);
     }
     let venv = repo().join(".venv-ref");
     let bin = venv.join("bin/millracer");
-    if !bin.is_file() {
-        eprintln!("bench: installing millracer==0.2.0 into {}", venv.display());
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "millracer==0.2.0",
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(ok && bin.is_file(), "cannot install millracer==0.2.0");
-    }
+    let stamp = std::fs::read_to_string(venv.join(".millracer-setup-stamp")).unwrap_or_default();
+    assert!(
+        bin.is_file() && stamp == "millracer==0.2.0 millrace-ai==0.21.1",
+        "the reference (millracer==0.2.0 with millrace-ai==0.21.1) is not installed in {}: run scripts/setup.sh",
+        venv.display()
+    );
     bin
 }
 

@@ -15,12 +15,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 fn nats_server_bin() -> PathBuf {
     std::env::var_os("MILLRACER_TEST_NATS_SERVER")
@@ -187,28 +189,112 @@ async fn publish(
     Ok(())
 }
 
-/// Waits for every id's record to be done; returns completion instants (by id) and the
-/// ids never answered within `limit`.
+/// The client's own result wait: one KV watch on the results bucket (started before
+/// anything is published), each `done` record handed to whoever waits for its key. Every
+/// completion instant is when the client learns of the result, as an adapter would.
+#[derive(Clone)]
+struct Results {
+    done: Arc<Mutex<HashMap<String, Instant>>>,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>,
+}
+
+impl Results {
+    async fn watch(kv: &jetstream::kv::Store) -> anyhow::Result<Self> {
+        let mut watch = kv.watch_all().await?;
+        let this = Self {
+            done: Arc::default(),
+            waiting: Arc::default(),
+        };
+        let inner = this.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                if entry.operation != jetstream::kv::Operation::Put
+                    || !serde_json::from_slice::<Value>(&entry.value)
+                        .is_ok_and(|r| r["state"] == "done")
+                {
+                    continue;
+                }
+                let now = Instant::now();
+                let mut done = inner.done.lock().unwrap_or_else(|e| e.into_inner());
+                if done.contains_key(&entry.key) {
+                    continue;
+                }
+                done.insert(entry.key.clone(), now);
+                drop(done);
+                if let Some(tx) = inner
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&entry.key)
+                {
+                    let _ = tx.send(now);
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// A receiver that resolves when `key` is done (at once if it is already).
+    fn wait(&self, key: &str) -> oneshot::Receiver<Instant> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = self
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+        {
+            let _ = tx.send(at);
+        } else {
+            waiting.insert(key.to_string(), tx);
+        }
+        rx
+    }
+
+    /// How many of `keys` are done now.
+    fn answered(&self, keys: &[String]) -> usize {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter().filter(|k| done.contains_key(*k)).count()
+    }
+}
+
+/// Waits for every id's result through the watch; returns completion instants (by id) and
+/// the ids never answered within `limit`.
 async fn collect(
-    kv: &jetstream::kv::Store,
+    results: &Results,
     ids: &[String],
     keys: &[String],
     limit: Duration,
 ) -> (HashMap<String, Instant>, Vec<String>) {
+    let waits = ids
+        .iter()
+        .zip(keys)
+        .map(|(id, key)| {
+            let rx = results.wait(key);
+            let id = id.clone();
+            async move { (id, rx.await.ok()) }
+        })
+        .collect::<Vec<_>>();
+    let all = futures::future::join_all(waits);
     let mut done = HashMap::new();
-    let deadline = Instant::now() + limit;
-    while done.len() < ids.len() && Instant::now() < deadline {
-        for (id, key) in ids.iter().zip(keys) {
-            if done.contains_key(id) {
-                continue;
-            }
-            if let Ok(Some(bytes)) = kv.get(key).await
-                && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
-            {
-                done.insert(id.clone(), Instant::now());
+    if let Ok(answers) = tokio::time::timeout(limit, all).await {
+        for (id, at) in answers {
+            if let Some(at) = at {
+                done.insert(id, at);
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    } else {
+        let now = results
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (id, key) in ids.iter().zip(keys) {
+            if let Some(at) = now.get(key) {
+                done.insert(id.clone(), *at);
+            }
+        }
     }
     let lost = ids
         .iter()
@@ -274,19 +360,6 @@ fn longest_stall(
     worst
 }
 
-/// How many of the requests under `keys` are done now.
-async fn answered(kv: &jetstream::kv::Store, keys: &[String]) -> usize {
-    let mut n = 0;
-    for key in keys {
-        if let Ok(Some(bytes)) = kv.get(key).await
-            && serde_json::from_slice::<Value>(&bytes).is_ok_and(|r| r["state"] == "done")
-        {
-            n += 1;
-        }
-    }
-    n
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -309,42 +382,86 @@ async fn main() -> anyhow::Result<()> {
     let kv = js.get_key_value(subjects::RESULTS_BUCKET).await?;
     let mut report = String::new();
 
-    // 1. Throughput: the same cheap read, durable vs core request/reply.
+    let results = Results::watch(&kv).await?;
+
+    // 1. Throughput: the same cheap read, durable vs core request/reply, each with at most
+    //    64 requests outstanding, in ABBA rounds (durable, core, core, durable). A durable
+    //    request is done when the client's watch sees its result.
     let n = 2000;
-    let started = Instant::now();
-    let ids: Vec<String> = (0..n).map(|i| format!("tp-{i}")).collect();
-    let mut acks = Vec::new();
-    for id in &ids {
-        let message = jetstream::message::PublishMessage::build()
-            .payload(request(id, "list_workspaces", None).to_string().into())
-            .message_id(subjects::result_key(None, id));
-        acks.push(js.send_publish(subjects::jobs_any(), message).await?);
+    let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut failed: HashMap<&str, usize> = HashMap::new();
+    for (round, side) in ["durable", "core", "core", "durable"]
+        .into_iter()
+        .enumerate()
+    {
+        let started = Instant::now();
+        let ok = if side == "durable" {
+            futures::stream::iter(0..n)
+                .map(|i| {
+                    let js = js.clone();
+                    let results = results.clone();
+                    async move {
+                        let id = format!("tp-{round}-{i}");
+                        let key = subjects::result_key(None, &id);
+                        let done = results.wait(&key);
+                        let message = jetstream::message::PublishMessage::build()
+                            .payload(request(&id, "list_workspaces", None).to_string().into())
+                            .message_id(key);
+                        let Ok(ack) = js.send_publish(subjects::jobs_any(), message).await else {
+                            return false;
+                        };
+                        if ack.await.is_err() {
+                            return false;
+                        }
+                        tokio::time::timeout(Duration::from_secs(60), done)
+                            .await
+                            .is_ok_and(|r| r.is_ok())
+                    }
+                })
+                .buffer_unordered(64)
+                .filter(|ok| futures::future::ready(*ok))
+                .count()
+                .await
+        } else {
+            futures::stream::iter(0..n)
+                .map(|i| {
+                    let client = client.clone();
+                    async move {
+                        let body = request(&format!("core-{round}-{i}"), "list_workspaces", None)
+                            .to_string();
+                        client
+                            .request(subjects::request_any(), body.into())
+                            .await
+                            .is_ok_and(|m| {
+                                serde_json::from_slice::<Value>(&m.payload)
+                                    .is_ok_and(|r| r["status"] == "succeeded")
+                            })
+                    }
+                })
+                .buffer_unordered(64)
+                .filter(|ok| futures::future::ready(*ok))
+                .count()
+                .await
+        };
+        rates
+            .entry(side)
+            .or_default()
+            .push(ok as f64 / started.elapsed().as_secs_f64());
+        *failed.entry(side).or_default() += n - ok;
     }
-    for ack in acks {
-        ack.await?;
-    }
-    let (_, lost) = collect(&kv, &ids, &keys_of(&ids, &[]), Duration::from_secs(120)).await;
-    let durable = n as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(lost.is_empty(), "throughput run lost {}", lost.len());
-    let started = Instant::now();
-    let core = futures::stream::iter(0..n)
-        .map(|i| {
-            let client = client.clone();
-            async move {
-                let body = request(&format!("core-{i}"), "list_workspaces", None).to_string();
-                client
-                    .request(subjects::request_any(), body.into())
-                    .await
-                    .is_ok()
-            }
-        })
-        .buffer_unordered(64)
-        .filter(|ok| futures::future::ready(*ok))
-        .count()
-        .await;
-    let core_rate = core as f64 / started.elapsed().as_secs_f64();
+    let show = |side: &str| {
+        rates[side]
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
     report.push_str(&format!(
-        "| throughput, {n} list_workspaces | durable: {durable:.0} req/s | core request/reply (64 in flight): {core_rate:.0} req/s |\n"
+        "| throughput, {n} list_workspaces per round, 64 outstanding, rounds durable/core/core/durable | durable (publish, result seen by a KV watch): {} req/s, {} failed | core request/reply: {} req/s, {} failed |\n",
+        show("durable"),
+        failed["durable"],
+        show("core"),
+        failed["core"],
     ));
 
     // 2. Worker kill -9 mid-stream.
@@ -355,10 +472,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let killed = Instant::now();
     a.kill();
-    let before = answered(&kv, &keys_of(&ids, &workspaces)).await;
+    let before = results.answered(&keys_of(&ids, &workspaces));
     let _c = WorkerProc::spawn(&url, &workspaces, &home)?;
     let (done, lost) = collect(
-        &kv,
+        &results,
         &ids,
         &keys_of(&ids, &workspaces),
         Duration::from_secs(120),
@@ -377,11 +494,11 @@ async fn main() -> anyhow::Result<()> {
     let ids: Vec<String> = (0..m).map(|i| format!("restart-{i}")).collect();
     publish(&js, &ids, &workspaces).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let before = answered(&kv, &keys_of(&ids, &workspaces)).await;
+    let before = results.answered(&keys_of(&ids, &workspaces));
     let restarted = Instant::now();
     let outage = server.restart()?;
     let (done, lost) = collect(
-        &kv,
+        &results,
         &ids,
         &keys_of(&ids, &workspaces),
         Duration::from_secs(120),

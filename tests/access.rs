@@ -1,42 +1,23 @@
 //! Access control: a nats-server started with `deploy/nats-server.conf` (the documented
 //! roles) lets an adapter scoped to one workspace submit requests and read its frames and
 //! results, and nothing more: it cannot publish frames or results, nor read another
-//! workspace's frames, nor submit for another workspace.
+//! workspace's frames, nor submit for another workspace; Mission Control reads everything and
+//! changes nothing. Every refusal is the server's permission error, and afterwards the
+//! streams and the results bucket hold what they held before.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use common::{NatsServer, Worker, Workspace, repo_root, request_json, rt, run_ops_with_timeout};
+use common::acl::{self, ADAPTER, MISSION_CONTROL, WORKER};
+use common::{
+    NatsServer, REQUEST_ANY_SUBJECT, Worker, Workspace, repo_root, request_json, rt,
+    run_ops_with_timeout,
+};
 use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::json;
-
-/// User, password and reply inbox prefix of each role in `deploy/nats-server.conf`.
-const WORKER: (&str, &str, &str) = ("worker", "worker-change-me", "_INBOX_worker");
-const ADAPTER: (&str, &str, &str) = ("adapter-shop", "adapter-change-me", "_INBOX_adapter_shop");
-const MISSION_CONTROL: (&str, &str, &str) = (
-    "mission-control",
-    "mission-control-change-me",
-    "_INBOX_mission_control",
-);
-
-async fn as_user(
-    nats: &NatsServer,
-    (user, password, inbox): (&str, &str, &str),
-) -> async_nats::Client {
-    nats.client_with(
-        async_nats::ConnectOptions::with_user_and_password(user.to_string(), password.to_string())
-            .custom_inbox_prefix(inbox),
-    )
-    .await
-}
-
-/// Whether `sub` receives anything within `wait`.
-async fn receives(sub: &mut async_nats::Subscriber, wait: Duration) -> bool {
-    matches!(tokio::time::timeout(wait, sub.next()).await, Ok(Some(_)))
-}
 
 #[test]
 fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
@@ -60,7 +41,7 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
     );
     rt().block_on(async {
         // Ready when its durable consumers exist.
-        let admin = as_user(&nats, WORKER).await;
+        let (admin, _) = acl::connect(&nats, WORKER).await;
         let js = jetstream::new(admin.clone());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -125,10 +106,12 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
     assert_eq!(result["status"], "succeeded", "{result:#}");
 
     rt().block_on(async {
-        let adapter = as_user(&nats, ADAPTER).await;
-        let worker_role = as_user(&nats, WORKER).await;
-        let mission = as_user(&nats, MISSION_CONTROL).await;
-        let wait = Duration::from_millis(1500);
+        let (adapter, mut adapter_errors) = acl::connect(&nats, ADAPTER).await;
+        let (worker_role, _) = acl::connect(&nats, WORKER).await;
+        let (mission, mut mission_errors) = acl::connect(&nats, MISSION_CONTROL).await;
+        let admin_js = jetstream::new(worker_role.clone());
+        let before = counts(&admin_js).await;
+        let wait = Duration::from_secs(10);
 
         // Frames of its own workspace: readable.
         let mut own = adapter
@@ -136,17 +119,18 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
             .await
             .expect("subscribe own frames");
         // Another workspace's frames: the server refuses the subscription.
-        let mut other = adapter
-            .subscribe(subjects::frames_of_workspace(Some("other")))
-            .await
-            .expect("subscribe call itself returns");
+        acl::subscribe_denied(
+            &adapter,
+            &mut adapter_errors,
+            &subjects::frames_of_workspace(Some("other")),
+        )
+        .await;
         let mut everything = mission
             .subscribe(subjects::frames_of_workspace(None))
             .await
             .expect("mission control subscribes to all frames");
         adapter.flush().await.expect("flush");
         mission.flush().await.expect("flush");
-        tokio::time::sleep(Duration::from_millis(200)).await;
 
         worker_role
             .publish(subjects::frames(Some("shop"), "real-1"), "{}".into())
@@ -157,58 +141,53 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
             .await
             .expect("worker publishes a frame");
         worker_role.flush().await.expect("flush");
-        assert!(
-            receives(&mut own, wait).await,
-            "adapter reads its workspace's frames"
-        );
-        assert!(
-            !receives(&mut other, wait).await,
-            "adapter must not read another workspace's frames"
-        );
+        let first = next_subject(&mut own, wait).await;
+        assert_eq!(first, subjects::frames(Some("shop"), "real-1"));
         // Mission Control saw both real frames.
-        assert!(receives(&mut everything, wait).await);
-        assert!(receives(&mut everything, wait).await);
-
-        // The adapter cannot forge a frame: nobody receives it.
-        adapter
-            .publish(subjects::frames(Some("shop"), "forged"), "{}".into())
-            .await
-            .expect("publish call itself returns");
-        adapter.flush().await.expect("flush");
-        assert!(
-            !receives(&mut everything, wait).await,
-            "a forged frame reached subscribers"
+        assert_eq!(
+            next_subject(&mut everything, wait).await,
+            subjects::frames(Some("shop"), "real-1")
+        );
+        assert_eq!(
+            next_subject(&mut everything, wait).await,
+            subjects::frames(Some("other"), "real-2")
         );
 
-        // The adapter cannot write a result.
+        // The adapter cannot forge a frame: the server refuses the publish.
+        acl::publish_denied(
+            &adapter,
+            &mut adapter_errors,
+            &subjects::frames(Some("shop"), "forged"),
+        )
+        .await;
+
+        // The adapter cannot write a result: refused, and the key does not exist.
         let adapter_js = jetstream::new(adapter.clone());
         let kv = adapter_js
             .get_key_value(subjects::RESULTS_BUCKET)
             .await
             .expect("the adapter may open the results bucket to read");
+        let forged_key = subjects::result_key(Some("shop"), "forged-1");
         let forged = tokio::time::timeout(
             Duration::from_secs(5),
-            kv.put(
-                subjects::result_key(Some("shop"), "forged-1"),
-                "{\"state\":\"done\"}".into(),
-            ),
+            kv.put(forged_key.clone(), "{\"state\":\"done\"}".into()),
         )
         .await;
         assert!(
             !matches!(forged, Ok(Ok(_))),
             "adapter stored a result: {forged:?}"
         );
-        let admin_kv = jetstream::new(worker_role.clone())
+        adapter_errors
+            .expect(
+                "Publish",
+                &format!("$KV.{}.{forged_key}", subjects::RESULTS_BUCKET),
+            )
+            .await;
+        let admin_kv = admin_js
             .get_key_value(subjects::RESULTS_BUCKET)
             .await
             .expect("bucket");
-        assert!(
-            admin_kv
-                .get(subjects::result_key(Some("shop"), "forged-1"))
-                .await
-                .expect("read")
-                .is_none()
-        );
+        assert!(admin_kv.get(&forged_key).await.expect("read").is_none());
         // It reads its own result.
         assert!(
             kv.get(subjects::result_key(Some("shop"), "acl-1"))
@@ -217,23 +196,121 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
                 .is_some()
         );
 
-        // The adapter cannot submit for another workspace.
-        let other_job = tokio::time::timeout(Duration::from_secs(5), async {
-            adapter_js
-                .publish(
-                    subjects::jobs_by_id("other", JobClass::Read),
-                    request.to_string().into(),
-                )
-                .await?
-                .await
-                .map_err(async_nats::Error::from)
-        })
+        // The adapter cannot submit for another workspace: refused.
+        acl::publish_denied(
+            &adapter,
+            &mut adapter_errors,
+            &subjects::jobs_by_id("other", JobClass::Read),
+        )
         .await;
+
+        // Mission Control reads, and changes nothing: every way to submit, answer, forge or
+        // delete is refused by the server.
+        let mission_kv = jetstream::new(mission.clone())
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("mission control opens the results bucket");
         assert!(
-            !matches!(other_job, Ok(Ok(_))),
-            "adapter submitted for another workspace"
+            mission_kv
+                .get(subjects::result_key(Some("shop"), "acl-1"))
+                .await
+                .expect("mission control reads a result")
+                .is_some()
         );
+        for subject in [
+            subjects::jobs_by_id("shop", JobClass::Change),
+            subjects::jobs_by_id("shop", JobClass::Read),
+            subjects::request_by_id("shop"),
+            REQUEST_ANY_SUBJECT.to_string(),
+            subjects::frames(Some("shop"), "forged-by-mc"),
+            format!(
+                "$KV.{}.{}",
+                subjects::RESULTS_BUCKET,
+                subjects::result_key(Some("shop"), "mc-1")
+            ),
+            format!("$JS.API.STREAM.DELETE.{}", subjects::JOBS_STREAM),
+            format!("$JS.API.STREAM.PURGE.{}", subjects::FRAMES_STREAM),
+            format!(
+                "$JS.API.CONSUMER.DELETE.{}.{}",
+                subjects::JOBS_STREAM,
+                subjects::jobs_consumer(
+                    "shop",
+                    &subjects::fingerprint(
+                        "test-host",
+                        &millracer::millrace::workspace::resolve_path(shop.path()),
+                    ),
+                    JobClass::Read
+                )
+            ),
+            format!("$JS.ACK.{}.x.1.1.1.1.1", subjects::JOBS_STREAM),
+        ] {
+            acl::publish_denied(&mission, &mut mission_errors, &subject).await;
+        }
+        // And it cannot take requests meant for workers.
+        acl::subscribe_denied(&mission, &mut mission_errors, "millracer.ops.v0_2.req.>").await;
+
+        // Nothing changed: the real frames were live only (core publishes of the worker role
+        // are stored too, so count them), no job was stored, no result key was added, the
+        // worker's consumers are all there.
+        let after = counts(&admin_js).await;
+        assert_eq!(after.jobs, before.jobs, "no job was stored");
+        assert_eq!(after.results, before.results, "no result was stored");
+        assert_eq!(
+            after.frames,
+            before.frames + 2,
+            "only the worker role's two frames were stored"
+        );
+        let stream = admin_js
+            .get_stream(subjects::JOBS_STREAM)
+            .await
+            .expect("jobs stream still there");
+        for class in [JobClass::Change, JobClass::Read] {
+            stream
+                .consumer_info(subjects::jobs_consumer(
+                    "shop",
+                    &subjects::fingerprint(
+                        "test-host",
+                        &millracer::millrace::workspace::resolve_path(shop.path()),
+                    ),
+                    class,
+                ))
+                .await
+                .expect("the worker's consumer is still there");
+        }
     });
+}
+
+/// Messages stored in the jobs and frames streams and the results bucket.
+struct Counts {
+    jobs: u64,
+    frames: u64,
+    results: u64,
+}
+
+async fn counts(js: &jetstream::Context) -> Counts {
+    let count = async |name: &str| {
+        js.get_stream(name)
+            .await
+            .unwrap_or_else(|err| panic!("stream {name}: {err}"))
+            .info()
+            .await
+            .unwrap_or_else(|err| panic!("stream {name} info: {err}"))
+            .state
+            .messages
+    };
+    Counts {
+        jobs: count(subjects::JOBS_STREAM).await,
+        frames: count(subjects::FRAMES_STREAM).await,
+        results: count(&format!("KV_{}", subjects::RESULTS_BUCKET)).await,
+    }
+}
+
+/// The subject of the next message on `sub`; fails the test after `limit`.
+async fn next_subject(sub: &mut async_nats::Subscriber, limit: Duration) -> String {
+    match tokio::time::timeout(limit, sub.next()).await {
+        Ok(Some(message)) => message.subject.to_string(),
+        _ => panic!("no message within {limit:?}"),
+    }
 }
 
 /// Runs `openssl` with `args` in `dir`, failing the test on error.

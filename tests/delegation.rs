@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::schemas::assert_valid;
 use common::stand_in::StandInWorkspace;
 use common::{NatsServer, Worker, request_json, rt, run_ops};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use millracer::bus::subjects;
 use serde_json::{Value, json};
 
@@ -72,14 +72,16 @@ async fn send_and_follow(
             Some(frame) = frames.next() => seen.push(serde_json::from_slice::<Value>(&frame.payload).expect("frame JSON")),
         }
     };
-    while !seen.iter().any(|f| f["event_type"] == "request.finished") {
-        match tokio::time::timeout(Duration::from_secs(2), frames.next()).await {
-            Ok(Some(frame)) => {
-                seen.push(serde_json::from_slice(&frame.payload).expect("frame JSON"))
-            }
-            _ => break,
-        }
+    // The result comes after the `request.finished` frame: one connection delivers in
+    // order, so every frame published before the reply is already here, without waiting.
+    while let Some(Some(frame)) = frames.next().now_or_never() {
+        seen.push(serde_json::from_slice(&frame.payload).expect("frame JSON"));
     }
+    assert_eq!(
+        seen.last().map(|f| &f["event_type"]),
+        Some(&json!("request.finished")),
+        "the request.finished frame arrived before the result: {seen:#?}"
+    );
     let result: Value = serde_json::from_slice(&answer.payload).expect("result JSON");
     assert_valid("result", &result);
     for (i, frame) in seen.iter().enumerate() {
@@ -125,6 +127,27 @@ fn started_then_completed(names: &[&str]) -> Vec<(String, String)> {
             ]
         })
         .collect()
+}
+
+/// The timestamp of the first frame of `event_type`; fails the test when there is none, so
+/// an ordering check can never pass on missing frames.
+fn at(frames: &[Value], event_type: &str) -> String {
+    frames
+        .iter()
+        .find(|f| f["event_type"] == event_type)
+        .and_then(|f| f["timestamp"].as_str())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("no {event_type} frame with a timestamp in {frames:#?}"))
+        .to_string()
+}
+
+/// The next frame on `frames`, failing the test after `limit` or when the subscription ends.
+async fn next_frame(frames: &mut async_nats::Subscriber, limit: Duration) -> Value {
+    match tokio::time::timeout(limit, frames.next()).await {
+        Ok(Some(message)) => serde_json::from_slice(&message.payload).expect("frame JSON"),
+        Ok(None) => panic!("the frame subscription ended"),
+        Err(_) => panic!("no frame within {limit:?}"),
+    }
 }
 
 fn frame_types(frames: &[Value]) -> Vec<&str> {
@@ -348,7 +371,37 @@ fn blocked_work_is_reported_blocked_with_its_failure_class() {
         assert_eq!(idea_result["status"], "blocked", "{idea_result:#}");
         assert_eq!(idea_result["result"]["event"]["reason"], "planner_blocked");
     });
-    // ops exits 0 for blocked, as the reference does.
+    // `ops` exits 0 for blocked, as the reference does, and prints the result: the same
+    // request_id sent again through the bridge is answered from the worker's ledger.
+    let task = enqueue(
+        "req-task-blocked",
+        "task",
+        "Fix src/app.py so tests/test_app.py passes",
+        "task",
+    );
+    let out = run_ops(
+        &[
+            "ops",
+            "--json",
+            "--transport",
+            "nats",
+            "--submit",
+            "request",
+            "--nats-url",
+            &s.nats.url,
+        ],
+        &task.to_string(),
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ops exits 0 for blocked: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("result JSON on stdout");
+    assert_eq!(printed["request_id"], "req-task-blocked");
+    assert_eq!(printed["status"], "blocked", "{printed:#}");
 }
 
 #[test]
@@ -477,14 +530,6 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
         for r in [&r1, &r2, &rb] {
             assert_eq!(r["status"], "succeeded", "{r:#}");
         }
-        let at = |frames: &[Value], t: &str| -> String {
-            frames
-                .iter()
-                .find(|f| f["event_type"] == t)
-                .and_then(|f| f["timestamp"].as_str())
-                .unwrap_or("")
-                .to_string()
-        };
         let queued = |frames: &[Value]| {
             frames
                 .iter()
@@ -541,8 +586,8 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
         );
         // Wait until the delegated run is under way, then ask the worker to stop.
         let mut status_reply = None;
-        while let Some(frame) = frames.next().await {
-            let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
+        loop {
+            let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
             if frame["event_type"] == "runtime.daemon_started" {
                 status_reply = Some(send(status.clone()));
             }
@@ -610,8 +655,8 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
         let mut frames = frames_of(&client, "req-host-1").await;
         let reply = spawn_request(&client, subjects::request_by_id("alpha"), &first);
         let mut first_frames = Vec::new();
-        while let Some(frame) = frames.next().await {
-            let frame: Value = serde_json::from_slice(&frame.payload).expect("frame");
+        loop {
+            let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
             let started = frame["event_type"] == "runtime.stage_started";
             first_frames.push(frame);
             if started {
@@ -665,14 +710,6 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
             types.contains(&"request.waiting"),
             "the second process waited for the lock: {types:?}"
         );
-        let at = |frames: &[Value], t: &str| {
-            frames
-                .iter()
-                .find(|f| f["event_type"] == t)
-                .and_then(|f| f["timestamp"].as_str())
-                .unwrap_or("")
-                .to_string()
-        };
         assert!(
             at(&first_frames, "request.finished") <= at(second_frames, "request.started"),
             "never overlapping"

@@ -325,14 +325,18 @@ fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
             .await
             .expect("subscribe");
         client.flush().await.expect("flush");
-        publish_job(
-            &js,
-            subjects::jobs_by_id("alpha", JobClass::Change),
-            &request,
-            "kill-1",
-        )
-        .await;
+        assert!(
+            !publish_job(
+                &js,
+                subjects::jobs_by_id("alpha", JobClass::Change),
+                &request,
+                "kill-1",
+            )
+            .await,
+            "a first publish is not a duplicate"
+        );
         wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+        let first_id = first.service_id();
         first.sigkill();
         let killed = Instant::now();
         let second = Worker::spawn_with(
@@ -356,7 +360,10 @@ fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
             second.log()
         );
         assert_eq!(result["completion"]["scoped_completion"], true);
-        assert_ne!(record["owner"], Value::Null);
+        // The second worker took the request over and finished it.
+        let second_id = second.service_id();
+        assert_ne!(second_id, first_id);
+        assert_eq!(record["owner"], json!(second_id), "{record:#}");
         let frames = stored_frames(&js, "kill-1").await;
         let types: Vec<&str> = frames
             .iter()
@@ -366,6 +373,22 @@ fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
         assert_eq!(count(&frames, "runtime.work_item_queued"), 1, "{types:?}");
         assert_eq!(count(&frames, "runtime.intake_written"), 1, "{types:?}");
         assert_eq!(count(&frames, "runtime.resumed"), 1, "{types:?}");
+        // The daemon the first worker started outlived it and was followed, not replaced.
+        assert_eq!(count(&frames, "runtime.daemon_started"), 1, "{types:?}");
+        assert_eq!(count(&frames, "runtime.daemon_adopted"), 1, "{types:?}");
+        assert_eq!(count(&frames, "runtime.daemon_restarted"), 0, "{types:?}");
+        let started_pid = frames
+            .iter()
+            .find(|f| f["event_type"] == "runtime.daemon_started")
+            .map(|f| f["payload"]["pid"].clone());
+        let adopted_pid = frames
+            .iter()
+            .find(|f| f["event_type"] == "runtime.daemon_adopted")
+            .map(|f| f["payload"]["pid"].clone());
+        assert_eq!(
+            started_pid, adopted_pid,
+            "the adopted daemon is the first one"
+        );
         assert_eq!(count(&frames, "request.finished"), 1, "{types:?}");
         assert_gapless(&frames);
         drop(second);
@@ -377,17 +400,15 @@ fn a_worker_killed_mid_stage_is_taken_over_without_queuing_again() {
         .map(|c| c["stage"].as_str().unwrap_or("").to_string())
         .collect();
     eprintln!("stages the stand-in answered: {calls:?}");
-    // The stage running at the kill may run again (its daemon may have died with its
-    // pipes); nothing else does.
-    assert!(
-        calls.iter().filter(|s| *s == "builder").count() <= 2,
-        "{calls:?}"
-    );
-    assert_eq!(
-        calls.iter().filter(|s| *s == "checker").count(),
-        1,
-        "{calls:?}"
-    );
+    // Each stage answered once: the stage running at the kill finished in the adopted
+    // daemon and was not run again.
+    for stage in ["builder", "checker", "updater"] {
+        assert_eq!(
+            calls.iter().filter(|s| *s == stage).count(),
+            1,
+            "{stage} once: {calls:?}"
+        );
+    }
     // The caller re-attaches and gets the one result.
     let out = run_ops_with_timeout(
         &[
@@ -446,12 +467,15 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
     let nats = NatsServer::start();
     let a = Worker::spawn(&nats.url, &list, &[]);
     let b = Worker::spawn(&nats.url, &list, &[]);
+    let ids = [a.service_id(), b.service_id()];
+    assert_ne!(ids[0], ids[1]);
     rt().block_on(async {
         let client = nats.client().await;
         a.wait_ready(&client).await;
         b.wait_ready(&client).await;
         let js = jetstream::new(client.clone());
         let started = Instant::now();
+        let mut owners: HashMap<String, usize> = HashMap::new();
         let mut acks = Vec::new();
         for i in 0..1000 {
             let ws = &names[i % 10];
@@ -485,6 +509,9 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
             .await;
             let result = &record["result"];
             assert_eq!(result["errors"][0]["code"], "invalid_input", "{record:#}");
+            *owners
+                .entry(record["owner"].as_str().unwrap_or("<none>").to_string())
+                .or_default() += 1;
             spans.entry(i % 10).or_default().push((
                 result["started_at"]
                     .as_str()
@@ -521,11 +548,21 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
             .collect();
         assert_eq!(bulk.len(), 1000, "every request started");
         assert!(bulk.iter().all(|(_, n)| **n == 1), "each ran once");
+        // Both workers took part: each one's id owns some of the records, no one else's does.
+        eprintln!("records per owner: {owners:?}");
+        for id in &ids {
+            assert!(
+                owners.get(id).copied().unwrap_or(0) > 0,
+                "{id} ran nothing: {owners:?}"
+            );
+        }
+        assert_eq!(owners.values().sum::<usize>(), 1000);
+        assert_eq!(
+            owners.len(),
+            2,
+            "only the two workers own records: {owners:?}"
+        );
     });
-    // Both workers took part.
-    for worker in [&a, &b] {
-        assert!(worker.process_ids().contains(&worker.pid()));
-    }
 }
 
 #[test]
@@ -620,13 +657,15 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
             .await
             .expect("subscribe");
         client.flush().await.expect("flush");
-        publish_job(
-            &js,
-            subjects::jobs_by_id("alpha", JobClass::Change),
-            &request,
-            "term-1",
-        )
-        .await;
+        assert!(
+            !publish_job(
+                &js,
+                subjects::jobs_by_id("alpha", JobClass::Change),
+                &request,
+                "term-1",
+            )
+            .await
+        );
         wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
     });
     worker.sigterm();
@@ -653,6 +692,172 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    });
+}
+
+#[test]
+fn sigterm_leaves_unstarted_work_to_another_worker() {
+    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 4}}));
+    let nats = NatsServer::start();
+    let mut first = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let first_id = first.service_id();
+    rt().block_on(async {
+        let client = nats.client().await;
+        first.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let mut frames = client
+            .subscribe(subjects::frames_of_request("term-a"))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let subject = subjects::jobs_by_id("alpha", JobClass::Change);
+        for id in ["term-a", "term-b"] {
+            let request = enqueue(id, "alpha", "Fix src/app.py so tests/test_app.py passes");
+            assert!(
+                !publish_job(
+                    &js,
+                    subject.clone(),
+                    &request,
+                    &subjects::result_key(Some("alpha"), id)
+                )
+                .await
+            );
+        }
+        // term-a runs; term-b waits in the stream (one change per workspace at a time).
+        wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
+    });
+    first.sigterm();
+    let exit = first
+        .wait_exit(Duration::from_secs(120))
+        .expect("the first worker exits after finishing term-a");
+    assert_eq!(exit.code(), Some(0), "{}", first.log());
+    let second = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    let second_id = second.service_id();
+    rt().block_on(async {
+        let js = jetstream::new(nats.client().await);
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        let a = wait_done(&kv, "term-a", Duration::from_secs(5)).await;
+        assert_eq!(a["result"]["status"], "succeeded", "{a:#}");
+        assert_eq!(
+            a["owner"],
+            json!(first_id),
+            "term-a finished by the first worker"
+        );
+        let b = wait_done(&kv, "term-b", Duration::from_secs(120)).await;
+        assert_eq!(b["result"]["status"], "succeeded", "{b:#}");
+        assert_eq!(
+            b["owner"],
+            json!(second_id),
+            "term-b run by the second worker"
+        );
+        for id in ["term-a", "term-b"] {
+            let frames = stored_frames(&js, id).await;
+            assert_eq!(count(&frames, "request.started"), 1, "{id} ran once");
+            assert_eq!(
+                count(&frames, "runtime.resumed"),
+                0,
+                "{id} was not taken over"
+            );
+        }
+    });
+    assert_eq!(intake_documents(ws.path()).len(), 2, "each queued once");
+}
+
+#[test]
+fn a_request_is_delivered_at_most_five_times() {
+    let ws = Workspace::init();
+    let nats = NatsServer::start();
+    // The worker sets up the stream and its consumers, then goes: nobody acks any more.
+    let mut worker = Worker::spawn(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &["--ack-wait-seconds", "1", "--host-id", "durable-host"],
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+    });
+    worker.sigterm();
+    assert_eq!(
+        worker
+            .wait_exit(Duration::from_secs(30))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let name = subjects::jobs_consumer(
+            "alpha",
+            &subjects::fingerprint(
+                "durable-host",
+                &millracer::millrace::workspace::resolve_path(ws.path()),
+            ),
+            JobClass::Read,
+        );
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&name)
+            .await
+            .expect("the worker's consumer");
+        let mut advisories = client
+            .subscribe(format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{name}",
+                subjects::JOBS_STREAM
+            ))
+            .await
+            .expect("subscribe advisories");
+        client.flush().await.expect("flush");
+        let request = request_json(
+            "poison-1",
+            "status",
+            json!({"workspace_id": "alpha"}),
+            json!({}),
+        );
+        assert!(
+            !publish_job(
+                &js,
+                subjects::jobs_by_id("alpha", JobClass::Read),
+                &request,
+                &subjects::result_key(Some("alpha"), "poison-1"),
+            )
+            .await
+        );
+        // Take it like a worker that dies before acking, again and again.
+        let mut deliveries = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_secs(3))
+                .messages()
+                .await
+                .expect("fetch");
+            match batch.next().await {
+                Some(Ok(message)) => {
+                    let info = message.info().expect("a JetStream message");
+                    deliveries.push(info.delivered);
+                }
+                Some(Err(err)) => panic!("fetch: {err}"),
+                // Nothing within the fetch's expiry, three times the ack wait: no more.
+                None => break,
+            }
+            assert!(
+                Instant::now() < deadline,
+                "delivered without end: {deliveries:?}"
+            );
+        }
+        assert_eq!(deliveries, [1, 2, 3, 4, 5], "delivered at most 5 times");
+        let advisory = tokio::time::timeout(Duration::from_secs(10), advisories.next())
+            .await
+            .expect("a max-deliveries advisory within 10 s")
+            .expect("advisory");
+        let advisory: Value = serde_json::from_slice(&advisory.payload).expect("advisory JSON");
+        assert_eq!(advisory["deliveries"], 5, "{advisory:#}");
     });
 }
 

@@ -1,28 +1,76 @@
 //! Hostile input: 100,000 generated requests (random bytes, broken JSON, valid requests with
-//! fields removed, retyped, oversized or full of subject metacharacters) through parsing,
-//! planning and the engine with the in-process transport. Every input gets exactly one
-//! result, nothing panics, and the lanes still run afterwards.
+//! fields removed, retyped, oversized or full of subject metacharacters), each with a
+//! request_id of its own.
+//!
+//! - All of them through parsing and planning (pure functions: nothing may panic).
+//! - A slice through the engine with the real `millrace` on a real workspace (stages answered
+//!   by the stand-in runner): every input gets exactly one result, valid against
+//!   `contracts/ops-result.schema.json`, its error codes in the documented set, the request_id
+//!   echoed (trimmed); every frame is valid and a request's `request.finished` frame comes
+//!   before its result; the lanes still run afterwards.
+//! - A slice through a real nats-server and worker, on the core and the jobs subjects, by id,
+//!   by path and workspace-less: the same checks on the replies and the stored results, and
+//!   the worker still serves afterwards.
 //!
 //! A seeded generator rather than a fuzzing crate: deterministic in CI, no extra toolchain,
 //! and a failure names the seed and the input's index.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
+use common::schemas::violations;
+use common::stand_in::StandInWorkspace;
+use common::{NatsServer, Worker, millrace_bin, rt};
+use futures::StreamExt;
 use millracer::actions::dispatch::{Service, Serving, Settings};
 use millracer::bus::subjects;
+use millracer::bus::subjects::JobClass;
 use millracer::contract::parse_request;
 use millracer::engine::frames::{Outbound, ReplyTo};
 use millracer::engine::service::{Engine, EngineOptions};
 use millracer::millrace::command::Millrace;
 use millracer::millrace::sessions::SessionStore;
+use millracer::millrace::status::StatusCache;
 use millracer::millrace::workspace::{Registry, WorkspaceRecord};
 use serde_json::{Map, Value, json};
 
+/// Inputs through parsing and planning.
 const INPUTS: usize = 100_000;
+/// Of those, the first ones also run through the engine on the real runtime.
+const ENGINE_INPUTS: usize = 1_000;
+/// Inputs sent through a real broker and worker (another seed).
+const BUS_INPUTS: usize = 700;
 const SEED: u64 = 0x6d69_6c6c_7261_6365;
+const BUS_SEED: u64 = 0x6275_735f_6861_7264;
+
+/// Every error and warning code the README and the result schema document.
+const DOCUMENTED_CODES: &[&str] = &[
+    // the reference's
+    "workspace_unresolved",
+    "session_store_unavailable",
+    "runtime_command_failed",
+    "invalid_input",
+    "unsupported_action",
+    "unsupported_transport",
+    "runtime_warning",
+    // the bus worker's
+    "invalid_request",
+    "request_too_large",
+    "workspace_not_served",
+    "workspace_mismatch",
+    "service_error",
+    "runtime_timeout",
+    "daemon_timeout",
+    "intake_failed",
+    "runner_unavailable",
+    "runner_failed",
+    "runner_timeout",
+];
 
 /// xorshift64*: small, fast and the same everywhere.
 struct Rng(u64);
@@ -129,7 +177,7 @@ const ACTIONS: &[&str] = &[
     "",
 ];
 
-fn request(rng: &mut Rng, root: &str) -> Value {
+fn request(rng: &mut Rng, root: &str, index: usize) -> Value {
     let workspace_ref = match rng.below(4) {
         0 => json!({"workspace_id": "demo"}),
         1 => json!({"workspace_id": string(rng)}),
@@ -138,7 +186,7 @@ fn request(rng: &mut Rng, root: &str) -> Value {
     };
     let mut r = json!({
         "schema_version": "millracer.ops.v0.2",
-        "request_id": if rng.below(3) == 0 { string(rng) } else { json!(format!("r-{}", rng.below(5_000))) },
+        "request_id": if rng.below(3) == 0 { string(rng) } else { json!(format!("r-{index}")) },
         "workspace_ref": workspace_ref,
         "source": {"kind": rng.pick(&["cli", "chat", "", "x"]), "adapter_id": string(rng)},
         "action": rng.pick(ACTIONS),
@@ -166,26 +214,103 @@ fn request(rng: &mut Rng, root: &str) -> Value {
     r
 }
 
-fn input(rng: &mut Rng, root: &str) -> Vec<u8> {
-    match rng.below(10) {
-        0 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
-        1 => {
-            let text = request(rng, root).to_string();
-            let cut = rng.below(text.len().max(1));
-            text.as_bytes()[..cut].to_vec()
+/// The generator: inputs whose request_ids (as the worker reads them: trimmed) are all
+/// distinct, so none is answered from the ledger of another.
+struct Inputs {
+    rng: Rng,
+    root: String,
+    ids: HashSet<String>,
+    index: usize,
+}
+
+impl Inputs {
+    fn new(seed: u64, root: &str) -> Self {
+        Inputs {
+            rng: Rng(seed),
+            root: root.to_string(),
+            ids: HashSet::new(),
+            index: 0,
         }
-        2 => value(rng, 0).to_string().into_bytes(),
-        3 => format!(
-            "{}{}",
-            "[".repeat(rng.below(5_000)),
-            "]".repeat(rng.below(5_000))
-        )
-        .into_bytes(),
-        _ => request(rng, root).to_string().into_bytes(),
+    }
+
+    fn next(&mut self) -> Vec<u8> {
+        let index = self.index;
+        self.index += 1;
+        let rng = &mut self.rng;
+        match rng.below(10) {
+            0 => (0..rng.below(200)).map(|_| rng.next() as u8).collect(),
+            1 => {
+                let text = request(rng, &self.root, index).to_string();
+                let cut = rng.below(text.len().max(1));
+                text.as_bytes()[..cut].to_vec()
+            }
+            2 => value(rng, 0).to_string().into_bytes(),
+            3 => format!(
+                "{}{}",
+                "[".repeat(rng.below(5_000)),
+                "]".repeat(rng.below(5_000))
+            )
+            .into_bytes(),
+            _ => {
+                let mut r = request(rng, &self.root, index);
+                if let Some(id) = r.get("request_id").and_then(Value::as_str) {
+                    let mut id = id.to_string();
+                    if !id.trim().is_empty() && !self.ids.insert(id.trim().to_string()) {
+                        // Seen before: keep it hostile, make it this input's own.
+                        id = format!("{id}~{index}");
+                        assert!(self.ids.insert(id.trim().to_string()));
+                        r["request_id"] = json!(id);
+                    }
+                }
+                r.to_string().into_bytes()
+            }
+        }
     }
 }
 
-fn service(root: PathBuf, home: &std::path::Path) -> Service {
+/// The request_id the worker reads from `raw` (trimmed), if it can read one.
+fn expected_id(raw: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(raw).ok()?;
+    let id = value.get("request_id")?.as_str()?.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// Checks one OpsResult (as JSON) of input `index`: valid against the schema, every code
+/// documented, a success without errors, the request_id echoed.
+fn check_result(what: &str, index: usize, raw: &[u8], result: &Value) {
+    let wrong = violations("result", result);
+    assert!(
+        wrong.is_empty(),
+        "{what} #{index}: the result violates the schema: {wrong:#?}\nresult: {result:#}\ninput: {:?}",
+        String::from_utf8_lossy(raw)
+    );
+    for list in ["errors", "warnings"] {
+        for record in result[list].as_array().into_iter().flatten() {
+            let code = record["code"].as_str().unwrap_or("");
+            assert!(
+                DOCUMENTED_CODES.contains(&code),
+                "{what} #{index}: undocumented code {code:?} in {result:#}"
+            );
+        }
+    }
+    if result["status"] == "succeeded" {
+        assert_eq!(
+            result["errors"],
+            json!([]),
+            "{what} #{index}: a success carries no error"
+        );
+    }
+    let echoed = result["request_id"].as_str().unwrap_or("<not a string>");
+    match expected_id(raw) {
+        Some(id) => assert_eq!(echoed, id, "{what} #{index}: request_id not echoed"),
+        None => assert_eq!(
+            result["status"], "failed",
+            "{what} #{index}: an input without a request_id fails: {result:#}"
+        ),
+    }
+}
+
+fn service(root: PathBuf, home: &Path) -> Service {
     let record = WorkspaceRecord {
         id: "demo".to_string(),
         root: root.clone(),
@@ -197,19 +322,22 @@ fn service(root: PathBuf, home: &std::path::Path) -> Service {
         registry: Registry::new(vec![record], Some("demo".to_string())).expect("registry"),
         serving: Serving::Registered,
         cli_workspace: Some(root),
-        // No such program: runtime commands fail at once, as a broken install would.
-        millrace: Millrace::new("millracer-test-no-such-millrace", Duration::from_secs(5)),
+        // The real runtime: valid requests really run (status from the worker's snapshot).
+        millrace: Millrace::new(
+            millrace_bin().display().to_string(),
+            Duration::from_secs(60),
+        ),
         sessions: SessionStore::new(home.join("sessions.json")),
         pi: None,
         settings: Settings {
             millrace_mode: "default_pi".to_string(),
             cwd: None,
-            daemon_timeout: Duration::from_secs(5),
+            daemon_timeout: Duration::from_secs(120),
             max_daemon_restarts: 0,
             keep_daemon: false,
             notify_terminal_stages: false,
         },
-        status_cache: None,
+        status_cache: Some(StatusCache::new(Duration::from_secs(2))),
         directory: None,
         cancels: Default::default(),
     }
@@ -217,56 +345,86 @@ fn service(root: PathBuf, home: &std::path::Path) -> Service {
 
 #[test]
 fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let root = dir.path().join("ws");
-    std::fs::create_dir_all(&root).expect("workspace dir");
-    let root = root.canonicalize().expect("canonical root");
+    let ws = StandInWorkspace::new(json!({}));
+    let home = tempfile::tempdir().expect("temp dir");
+    let root = ws.path().canonicalize().expect("canonical root");
     let root_text = root.display().to_string();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+
+    // All of them through parsing and planning.
+    let mut inputs = Inputs::new(SEED, &root_text);
+    let all: Vec<Vec<u8>> = (0..INPUTS).map(|_| inputs.next()).collect();
+    let planner = service(root.clone(), home.path());
+    let mut parsed = 0usize;
+    for raw in &all {
+        if let Ok(request) = parse_request(raw) {
+            parsed += 1;
+            assert_eq!(Some(request.request_id.clone()), expected_id(raw));
+            let token = subjects::token(&request.request_id);
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "{token}"
+            );
+            let _ = planner.plan(&request);
+        }
+    }
+    eprintln!("{INPUTS} inputs parsed and planned ({parsed} parse)");
+
+    // A slice through the engine on the real runtime.
+    rt().block_on(async {
         let options = EngineOptions {
             max_request_bytes: 8 * 1024,
             ..EngineOptions::default()
         };
-        let (engine, mut rx) = Engine::new(Arc::new(service(root.clone(), dir.path())), options);
-        let mut rng = Rng(SEED);
+        let (engine, mut rx) = Engine::new(Arc::new(service(root.clone(), home.path())), options);
         let started = Instant::now();
         let span = tracing::Span::none();
-        let mut parsed = 0usize;
-        for index in 0..INPUTS {
-            let raw = input(&mut rng, &root_text);
-            if let Ok(request) = parse_request(&raw) {
-                parsed += 1;
-                let _ = subjects::token(&request.request_id);
-                let _ = engine.service().plan(&request);
-            }
-            engine.submit(&raw, Some(ReplyTo::new(index)), &span);
+        for (index, raw) in all.iter().take(ENGINE_INPUTS).enumerate() {
+            engine.submit(raw, Some(ReplyTo::new(index)), &span);
         }
         let mut answered: HashMap<usize, usize> = HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while answered.len() < INPUTS {
+        let mut last_frame: HashMap<String, String> = HashMap::new();
+        let mut frames = 0usize;
+        let mut with_frames = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while answered.len() < ENGINE_INPUTS {
             let left = deadline.saturating_duration_since(Instant::now());
             let message = tokio::time::timeout(left, rx.recv())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
-                        "only {} of {INPUTS} inputs answered: a lane is stuck",
+                        "only {} of {ENGINE_INPUTS} inputs answered: a lane is stuck",
                         answered.len()
                     )
                 })
                 .expect("engine alive");
-            if let Outbound::Result { to, result, .. } = message {
-                assert!(
-                    result.status != millracer::contract::ResultStatus::Succeeded
-                        || result.errors.is_empty(),
-                    "a success carries no error"
-                );
-                for reply in to {
-                    let index = reply.into_inner::<usize>().expect("our reply token");
-                    *answered.entry(index).or_default() += 1;
+            match message {
+                Outbound::Frame(out) => {
+                    frames += 1;
+                    let frame = serde_json::to_value(&*out.frame).expect("frame JSON");
+                    let wrong = violations("frame", &frame);
+                    assert!(wrong.is_empty(), "{wrong:#?}\n{frame:#}");
+                    last_frame.insert(out.frame.request_id.clone(), out.frame.event_type.clone());
+                }
+                Outbound::Result { to, result, .. } => {
+                    let value = serde_json::to_value(&*result).expect("result JSON");
+                    // A request refused before it was admitted (unreadable, invalid, too
+                    // large) gets its result and no frames; one that was admitted gets its
+                    // result after its request.finished frame.
+                    if let Some(last) = last_frame.get(&result.request_id) {
+                        with_frames += 1;
+                        assert_eq!(
+                            last, "request.finished",
+                            "the result of {:?} comes after its request.finished frame",
+                            result.request_id
+                        );
+                    }
+                    for reply in to {
+                        let index = reply.into_inner::<usize>().expect("our reply token");
+                        check_result("engine", index, &all[index], &value);
+                        *answered.entry(index).or_default() += 1;
+                    }
                 }
             }
         }
@@ -274,8 +432,9 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
             answered.values().all(|n| *n == 1),
             "an input got more than one result"
         );
+        assert!(with_frames > 0, "no admitted request among the inputs");
         eprintln!(
-            "{INPUTS} inputs ({parsed} parsed) answered in {:?}",
+            "{ENGINE_INPUTS} inputs answered on the real runtime in {:?} ({frames} frames, {with_frames} admitted requests)",
             started.elapsed()
         );
         // The lanes still run: one more change for the workspace is answered promptly.
@@ -289,7 +448,7 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
             Some(ReplyTo::new(usize::MAX)),
             &span,
         );
-        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 if let Some(Outbound::Result { result, .. }) = rx.recv().await {
                     return result;
@@ -300,5 +459,196 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
         .expect("the lane still runs");
         assert_eq!(answer.request_id, "after-the-storm");
         assert_eq!(answer.errors[0].code, "invalid_input");
+    });
+}
+
+/// Where a bus input goes.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    CoreById,
+    CoreByPath,
+    CoreAny,
+    JobsById(JobClass),
+    JobsByPath(JobClass),
+    JobsAny,
+}
+
+const ROUTES: [Route; 8] = [
+    Route::CoreById,
+    Route::CoreByPath,
+    Route::CoreAny,
+    Route::JobsById(JobClass::Change),
+    Route::JobsById(JobClass::Read),
+    Route::JobsByPath(JobClass::Change),
+    Route::JobsByPath(JobClass::Read),
+    Route::JobsAny,
+];
+
+#[test]
+fn hostile_inputs_through_a_real_broker_and_worker_each_get_one_valid_answer() {
+    let ws = StandInWorkspace::new(json!({}));
+    let root = ws.path().canonicalize().expect("canonical root");
+    let mut inputs = Inputs::new(BUS_SEED, &root.display().to_string());
+    let all: Vec<Vec<u8>> = (0..BUS_INPUTS).map(|_| inputs.next()).collect();
+    let nats = NatsServer::start();
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("demo", ws.path())],
+        &["--max-request-bytes", "8192", "--host-id", "hostile-host"],
+    );
+    // The path key a caller on this host computes for the workspace (docs/bus-naming.md).
+    let key = millracer::contract::token::path_key("hostile-host", &root);
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        let js = jetstream::new(client.clone());
+        let started = Instant::now();
+
+        // Durable submissions first (published at once), then the core requests.
+        let mut stored: Vec<(usize, String)> = Vec::new();
+        for (index, raw) in all.iter().enumerate() {
+            let route = ROUTES[index % ROUTES.len()];
+            let (subject, scope) = match route {
+                Route::JobsById(class) => (subjects::jobs_by_id("demo", class), Some("demo")),
+                Route::JobsByPath(class) => (subjects::jobs_by_path(&key, class), Some("demo")),
+                Route::JobsAny => (subjects::jobs_any(), None),
+                _ => continue,
+            };
+            let key = expected_id(raw).map(|id| subjects::result_key(scope, &id));
+            let message = jetstream::message::PublishMessage::build()
+                .payload(raw.clone().into())
+                .message_id(key.clone().unwrap_or_else(|| format!("hostile-{index}")));
+            let ack = js
+                .send_publish(subject, message)
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+            assert!(!ack.duplicate, "#{index}: ids are distinct");
+            if let Some(key) = key {
+                stored.push((index, key));
+            }
+        }
+        let core: Vec<(usize, String)> = all
+            .iter()
+            .enumerate()
+            .filter_map(|(index, _)| match ROUTES[index % ROUTES.len()] {
+                Route::CoreById => Some((index, subjects::request_by_id("demo"))),
+                Route::CoreByPath => Some((index, subjects::request_by_path(&key))),
+                Route::CoreAny => Some((index, subjects::request_any())),
+                _ => None,
+            })
+            .collect();
+        let answers: Vec<(usize, Value)> = futures::stream::iter(core)
+            .map(|(index, subject)| {
+                let client = client.clone();
+                let raw = all[index].clone();
+                async move {
+                    let reply = client
+                        .send_request(
+                            subject,
+                            async_nats::Request::new()
+                                .payload(raw.into())
+                                .timeout(Some(Duration::from_secs(180))),
+                        )
+                        .await
+                        .unwrap_or_else(|err| panic!("core #{index}: no answer: {err}"));
+                    let result: Value = serde_json::from_slice(&reply.payload)
+                        .unwrap_or_else(|err| panic!("core #{index}: not JSON ({err})"));
+                    (index, result)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (index, result) in &answers {
+            check_result("core", *index, &all[*index], result);
+        }
+
+        // Every durable submission is taken (answered and acked or terminated) …
+        let mut stream = js.get_stream(subjects::JOBS_STREAM).await.expect("jobs");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = stream.info().await.expect("info").state.messages;
+            if left == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} durable submissions never taken: {}",
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // … and each one with a request_id has its stored, valid result.
+        let kv = js
+            .get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .expect("bucket");
+        for (index, key) in &stored {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let record = loop {
+                if let Ok(Some(bytes)) = kv.get(key).await
+                    && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
+                    && record["state"] == "done"
+                {
+                    break record;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "jobs #{index}: no stored result under {key}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            check_result("jobs", *index, &all[*index], &record["result"]);
+        }
+        eprintln!(
+            "{BUS_INPUTS} inputs over the bus ({} core, {} durable with an id) answered in {:?}",
+            answers.len(),
+            stored.len(),
+            started.elapsed()
+        );
+
+        // Every frame stored meanwhile is a valid frame.
+        let mut frames_stream = js
+            .get_stream(subjects::FRAMES_STREAM)
+            .await
+            .expect("frames stream");
+        let total = frames_stream.info().await.expect("info").state.messages;
+        let consumer = frames_stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .expect("ordered consumer");
+        let mut messages = consumer.messages().await.expect("messages");
+        for _ in 0..total {
+            let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .expect("a stored frame within 10 s")
+                .expect("a frame")
+                .expect("a frame message");
+            let frame: Value = serde_json::from_slice(&message.payload).expect("frame JSON");
+            let wrong = violations("frame", &frame);
+            assert!(wrong.is_empty(), "{wrong:#?}\n{frame:#}");
+        }
+
+        // The worker still serves.
+        assert!(worker.try_wait().is_none(), "the worker died");
+        let status = common::request_json(
+            "after-the-bus-storm",
+            "status",
+            json!({"workspace_id": "demo"}),
+            json!({}),
+        );
+        let reply = client
+            .send_request(
+                subjects::request_by_id("demo"),
+                async_nats::Request::new()
+                    .payload(status.to_string().into())
+                    .timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .expect("answered within 30 s");
+        let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+        assert_eq!(result["status"], "succeeded", "{result:#}");
     });
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -247,7 +247,8 @@ fn json_logs_parse_line_by_line_and_events_follow_shows_frames() {
     let mut worker = Worker::spawn(&nats.url, &[("demo", ws.path())], &["--log-format", "json"]);
     rt().block_on(async { worker.wait_ready(&nats.client().await).await });
 
-    let mut follower = Command::new(common::millracer_bin())
+    // Started like every millracer of the tests: no inherited MILLRACER_* settings.
+    let mut follower = common::millracer_command()
         .args(["events", "--follow", "--json", "--nats-url", &nats.url])
         .env("RUST_LOG", "info")
         .env("HOME", worker.home())
@@ -256,12 +257,10 @@ fn json_logs_parse_line_by_line_and_events_follow_shows_frames() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn events");
-    let mut stderr = BufReader::new(follower.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while stderr.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("following frames") {
-        line.clear();
-    }
-    assert!(line.contains("following frames"), "events never subscribed");
+    let stderr = common::Lines::new(follower.stderr.take().expect("stderr"));
+    stderr.until(Duration::from_secs(30), "events to subscribe", |line| {
+        line.contains("following frames")
+    });
 
     let request = request_json(
         "req-followed",
@@ -283,12 +282,13 @@ fn json_logs_parse_line_by_line_and_events_follow_shows_frames() {
         &[],
     );
     assert_eq!(out.status.code(), Some(0));
-    let mut stdout = BufReader::new(follower.stdout.take().expect("stdout"));
+    let stdout = common::Lines::new(follower.stdout.take().expect("stdout"));
     let mut types = Vec::new();
-    let mut frame_line = String::new();
-    while stdout.read_line(&mut frame_line).unwrap_or(0) > 0 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame_line = stdout.next_within(left, "the followed request's frames");
         let frame: Value = serde_json::from_str(&frame_line).expect("a frame per line");
-        frame_line.clear();
         if frame["request_id"] == "req-followed" {
             types.push(frame["event_type"].as_str().unwrap_or("").to_string());
             if frame["event_type"] == "request.finished" {

@@ -263,8 +263,15 @@ mod tests {
     }
 
     #[test]
-    fn encoding_is_stable_and_distinct() {
-        assert_eq!(token("a.b"), token("a.b"));
-        assert_ne!(token("a.b"), token("a.c"));
+    fn encoding_is_the_documented_hash() {
+        // `_h` + the first 32 hex digits of SHA-256 of the id (README, docs/bus-naming.md):
+        // known answers, so a change of the encoding breaks every stored key and is seen here.
+        assert_eq!(token("a.b"), "_h2e7336dc8eba87ef472df568c35482ab");
+        assert_eq!(token("a.c"), "_had4573f052ff7302a57fd72c2fa41f65");
+        assert_eq!(token(""), "_he3b0c44298fc1c149afbf4c8996fb924");
+        assert_eq!(token("é"), "_h4a99557e4033c3539de2eb65472017ca");
+        // 64 plain characters are kept; 65 are hashed.
+        assert_eq!(token(&"x".repeat(64)), "x".repeat(64));
+        assert_eq!(token(&"x".repeat(65)), "_h9537c5fdf120482f7d58d25e9ed583f5");
     }
 }

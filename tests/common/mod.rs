@@ -17,6 +17,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 // The JSON Schema helpers live in the sibling file `schemas.rs`:
+pub mod acl;
 pub mod cluster;
 pub mod pi;
 pub mod schemas;
@@ -99,6 +100,34 @@ pub fn pi_bin() -> PathBuf {
     tool_path("pi", "MILLRACER_TEST_PI", ".tools/pi/node_modules/.bin/pi")
 }
 
+/// The Python reference, `millracer==0.2.0` with `millrace-ai==0.21.1`:
+/// `$MILLRACER_TEST_REFERENCE`, else `.venv-ref/bin/millracer` (both installed by
+/// `scripts/setup.sh`).
+pub fn reference_bin() -> PathBuf {
+    tool_path(
+        "the reference (millracer 0.2.0)",
+        "MILLRACER_TEST_REFERENCE",
+        ".venv-ref/bin/millracer",
+    )
+}
+
+/// A command for `program` with the test environment of [`millracer_command`]: the pinned
+/// `millrace` first on `PATH`, no inherited `MILLRACER_*` settings.
+pub fn tool_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if let Some(key) = key.to_str()
+            && key.starts_with("MILLRACER_")
+            && !key.starts_with("MILLRACER_TEST_")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("PATH", path_with_tools())
+        .env("RUST_BACKTRACE", "1");
+    cmd
+}
+
 /// The `millracer` binary cargo built for this test run.
 pub fn millracer_bin() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_millracer"));
@@ -132,20 +161,10 @@ pub fn path_with_tools() -> String {
 /// `millrace`'s directory (its default `--millrace-command` is plain `millrace`),
 /// `RUST_BACKTRACE=1`, and none of the caller's `MILLRACER_*` settings (`MILLRACER_NATS_URL`,
 /// `MILLRACER_TRANSPORT`, `MILLRACER_CONFIG`, credentials…) except `MILLRACER_TEST_*`, so a
-/// developer's shell cannot change what a test sees.
-fn millracer_command() -> Command {
-    let mut cmd = Command::new(millracer_bin());
-    for (key, _) in std::env::vars_os() {
-        if let Some(key) = key.to_str()
-            && key.starts_with("MILLRACER_")
-            && !key.starts_with("MILLRACER_TEST_")
-        {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("PATH", path_with_tools())
-        .env("RUST_BACKTRACE", "1");
-    cmd
+/// developer's shell cannot change what a test sees. Every `millracer` a test starts is
+/// built here (through [`Worker`], [`run_ops`] or directly, e.g. a long-running `events`).
+pub fn millracer_command() -> Command {
+    tool_command(&millracer_bin())
 }
 
 /// A process-wide counter for unique names (request ids, file names).
@@ -617,6 +636,39 @@ impl Worker {
         }
     }
 
+    /// The worker's service id (its micro service id, the `owner` of the durable records it
+    /// writes), read from its `worker ready` log line; waits ≤ 15 s for that line and fails
+    /// the test without it.
+    pub fn service_id(&self) -> String {
+        let deadline = Instant::now() + WORKER_READY_TIMEOUT;
+        loop {
+            let log = self.log();
+            if let Some(id) = log
+                .lines()
+                .filter(|line| line.contains("worker ready"))
+                .find_map(|line| {
+                    // `--log-format json`: {"fields": {"id": …}}; readable: `id=…`.
+                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+                        return json["fields"]["id"].as_str().map(str::to_string);
+                    }
+                    line.split_whitespace()
+                        .find_map(|field| field.strip_prefix("id="))
+                        .map(|id| id.trim_matches('"').to_string())
+                })
+            {
+                return id;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("worker exited with {status} before its ready line (its log follows)");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `worker ready … id=` line in the worker's log within 15 s (its log follows)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGTERM to the worker process (a graceful stop).
     pub fn sigterm(&self) {
         send_signal("TERM", &[self.pid]);
@@ -716,12 +768,24 @@ pub fn run_ops_with_timeout(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Output {
+    run_command(millracer_command(), args, stdin.as_bytes(), env, timeout)
+}
+
+/// Runs `cmd` (a program with the test environment, e.g. from [`millracer_command`]) like
+/// [`run_ops_with_timeout`] runs `millracer`: fresh `HOME` unless `env` sets one, `stdin`
+/// written, output drained, a watchdog of `timeout`, processes it left behind killed.
+pub fn run_command(
+    mut cmd: Command,
+    args: &[&str],
+    stdin: &[u8],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Output {
     let default_home = tempfile::Builder::new()
         .prefix("millracer-home-")
         .tempdir()
         .expect("create HOME temp dir");
     let mark = new_owner_mark();
-    let mut cmd = millracer_command();
     cmd.args(args)
         .env("HOME", default_home.path())
         .envs(env.iter().copied())
@@ -735,7 +799,7 @@ pub fn run_ops_with_timeout(
 
     // Feed stdin and drain stdout/stderr on threads, so no pipe can fill up and block.
     let mut child_stdin = child.stdin.take().expect("piped stdin");
-    let input = stdin.as_bytes().to_vec();
+    let input = stdin.to_vec();
     std::thread::spawn(move || {
         // A child that exits without reading stdin closes the pipe: not our failure.
         let _ = child_stdin.write_all(&input);
@@ -842,4 +906,52 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// The lines of a child's pipe, read on a thread so that a test can wait for the next one
+/// with a bound instead of blocking on the pipe.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+}
+
+impl Lines {
+    /// Starts reading `pipe` line by line.
+    pub fn new(pipe: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines { rx }
+    }
+
+    /// The next line; fails the test when none comes within `limit` or the pipe closed.
+    pub fn next_within(&self, limit: Duration, what: &str) -> String {
+        match self.rx.recv_timeout(limit) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("waiting for {what}: no line within {limit:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("waiting for {what}: the pipe closed")
+            }
+        }
+    }
+
+    /// Reads lines until one satisfies `want` (returned), failing the test after `limit`.
+    pub fn until(&self, limit: Duration, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.next_within(left, what);
+            if want(&line) {
+                return line;
+            }
+        }
+    }
 }

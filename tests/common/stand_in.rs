@@ -61,8 +61,18 @@ impl StandInWorkspace {
         std::fs::write(&self.script, scenario.to_string()).expect("write scenario");
     }
 
-    /// The stages the stand-in answered, in order.
+    /// The stage runs the stand-in started, in order: one `started` line each. The
+    /// `abandoned` and `crashed` lines the stand-in adds about a run already counted are not
+    /// runs of their own (see [`StandInWorkspace::log_lines`] for every line).
     pub fn calls(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|line| line["event"] == "started")
+            .collect()
+    }
+
+    /// Every line of the stand-in's call log (`started`, `abandoned`, `crashed`), in order.
+    pub fn log_lines(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.calls)
             .unwrap_or_default()
             .lines()
