@@ -381,7 +381,7 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
         let started = Instant::now();
         let span = tracing::Span::none();
         for (index, raw) in all.iter().take(ENGINE_INPUTS).enumerate() {
-            engine.submit(raw, Some(ReplyTo::new(index)), &span);
+            engine.submit(raw, Some(reply_token(index)), &span);
         }
         let mut answered: HashMap<usize, usize> = HashMap::new();
         let mut last_frame: HashMap<String, String> = HashMap::new();
@@ -421,7 +421,7 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
                         );
                     }
                     for reply in to {
-                        let index = reply.into_inner::<usize>().expect("our reply token");
+                        let index = token_index(reply);
                         check_result("engine", index, &all[index], &value);
                         *answered.entry(index).or_default() += 1;
                     }
@@ -445,7 +445,7 @@ fn a_hundred_thousand_hostile_inputs_each_get_one_clear_answer() {
         });
         engine.submit(
             last.to_string().as_bytes(),
-            Some(ReplyTo::new(usize::MAX)),
+            Some(reply_token(usize::MAX)),
             &span,
         );
         let answer = tokio::time::timeout(Duration::from_secs(30), async {
@@ -651,4 +651,22 @@ fn hostile_inputs_through_a_real_broker_and_worker_each_get_one_valid_answer() {
         let result: Value = serde_json::from_slice(&reply.payload).expect("JSON");
         assert_eq!(result["status"], "succeeded", "{result:#}");
     });
+}
+
+/// A reply that names which input it answers: the core endpoint index carries it.
+fn reply_token(index: usize) -> ReplyTo {
+    ReplyTo::Core(millracer::engine::frames::CoreReply {
+        subject: None,
+        endpoint: index,
+        received: Instant::now(),
+        scope: None,
+    })
+}
+
+/// The input a reply made by [`reply_token`] answers.
+fn token_index(reply: ReplyTo) -> usize {
+    match reply {
+        ReplyTo::Core(core) => core.endpoint,
+        other => panic!("not our reply token: {other:?}"),
+    }
 }

@@ -22,6 +22,7 @@ use crate::actions::dispatch::{Action, Service, Serving};
 use crate::agent::pi::{PiError, PiRunner, SessionKind};
 use crate::app::cli::{CommonOptions, NatsOptions, OpsArgs, Submit, Transport, secs};
 use crate::bus::durable;
+use crate::bus::failover;
 use crate::bus::nats::{self, Patience};
 use crate::bus::subjects;
 use crate::contract::vocab::EventType;
@@ -516,10 +517,24 @@ async fn served(
         Target::Id(id) => format!("{}.*", subjects::token(id)),
         _ => ">".to_string(),
     };
-    let Some(owners) = crate::bus::registry::read(&js, &filter)
-        .await
-        .map_err(|e| BusError::Failed(format!("cannot read the bus's registry: {e}")))?
-    else {
+    // A cluster electing leaders answers the registry late for a few seconds: tried again
+    // for a bounded while before the caller is told.
+    let deadline = tokio::time::Instant::now() + REGISTRY_PATIENCE;
+    let owners = loop {
+        match crate::bus::registry::read(&js, &filter).await {
+            Ok(owners) => break owners,
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%err, "cannot read the bus's registry yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => {
+                return Err(BusError::Failed(format!(
+                    "cannot read the bus's registry: {err}"
+                )));
+            }
+        }
+    };
+    let Some(owners) = owners else {
         return Ok(None);
     };
     Ok(Some(owners.iter().any(|o| {
@@ -542,10 +557,16 @@ async fn require_served(
     url: &str,
     registry_required: bool,
 ) -> Result<(), BusError> {
-    let served = match served(client, request, link).await? {
-        Some(served) => served,
-        None if registry_required => false,
-        None => return Ok(()),
+    let served = match served(client, request, link).await {
+        Ok(Some(served)) => served,
+        Ok(None) if registry_required => false,
+        Ok(None) => return Ok(()),
+        // The registry cannot be read (a role without the grant, a cluster still electing
+        // leaders): the request is sent all the same and waits for its answer, said so.
+        Err(err) => {
+            eprintln!("millracer: note: {err}; sending the request anyway");
+            return Ok(());
+        }
     };
     if served {
         return Ok(());
@@ -820,54 +841,50 @@ async fn jetstream_parts(
     let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
     loop {
         let parts = async {
-            js.get_stream(subjects::JOBS_STREAM)
-                .await
-                .map_err(|e| (subjects::JOBS_STREAM, e.to_string()))?;
+            js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| {
+                (
+                    subjects::JOBS_STREAM,
+                    Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
+                )
+            })?;
             js.get_key_value(subjects::RESULTS_BUCKET)
                 .await
-                .map_err(|e| (subjects::RESULTS_BUCKET, e.to_string()))
+                .map_err(|e| {
+                    (
+                        subjects::RESULTS_BUCKET,
+                        Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
+                    )
+                })
         };
         match parts.await {
             Ok(kv) => return Ok((js, kv)),
-            Err((what, err)) if transient(&err) && tokio::time::Instant::now() < deadline => {
+            Err((what, err))
+                if failover::is_transient(err.as_ref())
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 tracing::debug!(%err, what, "JetStream not ready; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err((what, err)) => return Err(missing(what, err)),
+            Err((what, err)) => return Err(missing(what, err.to_string())),
         }
     }
 }
 
+/// How long the bridge tries to read the registry before it sends without knowing.
+const REGISTRY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long the bridge waits for a JetStream that answers with transient errors.
 const JETSTREAM_PATIENCE: Duration = Duration::from_secs(30);
-
-/// An error of a cluster in failover, not of a missing stream. "No responders" is not
-/// one here: a broker without JetStream answers its API that way, at once, and that is
-/// "no worker" without waiting.
-fn failing_over(error: &str) -> bool {
-    let error = error.to_ascii_lowercase();
-    error.contains("timed out") || error.contains("temporarily unavailable")
-}
-
-/// An error reading a bucket that exists, while its stream has no leader yet (just
-/// created, or its server died): direct gets find no responder for a moment.
-fn transient(error: &str) -> bool {
-    let lower = error.to_ascii_lowercase();
-    failing_over(error)
-        || lower.contains("no responders")
-        || lower.contains("503")
-        || lower.contains("no stream found for given subject")
-}
 
 /// [`durable::read_record`], retried while JetStream answers with transient errors.
 async fn read_record_patiently(
     kv: &async_nats::jetstream::kv::Store,
     key: &str,
-) -> Result<Option<durable::JobRecord>, String> {
+) -> Result<Option<durable::JobRecord>, async_nats::jetstream::kv::EntryError> {
     let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
     loop {
         match durable::read_record(kv, key).await {
-            Err(err) if transient(&err) && tokio::time::Instant::now() < deadline => {
+            Err(err) if failover::is_transient(&err) && tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%err, "cannot read the results bucket yet; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -928,35 +945,35 @@ async fn via_durable(
     loop {
         let attempt = async {
             js.send_publish(subject.clone(), message.clone())
+                .await?
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
         };
         match attempt.await {
             Ok(ack) => {
                 tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
                 break;
             }
-            Err(err) if err.contains("per subject") => {
-                return Err(BusError::Failed(format!(
-                    "the bus refused the request: {} requests already wait on {subject} for a worker ({err})",
-                    durable::JOBS_MAX_PER_SUBJECT
-                )));
-            }
-            Err(err) if err.contains("maximum") || err.contains("size") => {
-                return Err(BusError::Failed(format!(
-                    "the request of {} bytes is too large for the bus: {err}",
-                    raw.len()
-                )));
-            }
-            Err(err) => {
-                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                    return Err(BusError::Timeout(timeout.unwrap_or_default()));
+            Err(err) => match failover::publish_refusal(&err) {
+                Some(failover::Refusal::NotStored(why)) => {
+                    return Err(BusError::Failed(format!(
+                        "the bus refused to store the request on {subject}: {why} (at most {} requests wait per jobs subject for a worker)",
+                        durable::JOBS_MAX_PER_SUBJECT
+                    )));
                 }
-                tracing::warn!(%err, "cannot store the request yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+                Some(failover::Refusal::TooLarge) => {
+                    return Err(BusError::Failed(format!(
+                        "the request of {} bytes is too large for the bus: {err}",
+                        raw.len()
+                    )));
+                }
+                None => {
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        return Err(BusError::Timeout(timeout.unwrap_or_default()));
+                    }
+                    tracing::warn!(%err, "cannot store the request yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
         }
     }
     let wait = Wait {

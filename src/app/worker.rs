@@ -30,12 +30,12 @@ use crate::app::config::{ConfigFile, build_registry};
 use crate::bus::broker::{self, Incompatible};
 use crate::bus::durable::{self, Durable};
 use crate::bus::micro::{self, EndpointInfo, Micro};
-use crate::bus::nats::{self, NatsReply};
+use crate::bus::nats;
 use crate::bus::registry::{self, RegisterError, Registration};
 use crate::bus::subjects;
 use crate::bus::trace;
 use crate::contract::registry::{Directory, RegistryEntry};
-use crate::engine::frames::ReplyTo;
+use crate::engine::frames::{CoreReply, ReplyTo};
 use crate::engine::service::{Engine, EngineOptions, SubmitHints};
 use crate::millrace::sessions::SessionStore;
 
@@ -667,7 +667,7 @@ fn endpoint(name: &str, subject: String, workspace: Option<&str>) -> EndpointInf
 fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize, bound: &Bound) {
     let span = tracing::info_span!("nats.receive", subject = %message.subject);
     trace::adopt(&span, message.headers.as_ref());
-    let reply = NatsReply {
+    let reply = CoreReply {
         subject: message.reply.map(|r| r.to_string()),
         endpoint,
         received: std::time::Instant::now(),
@@ -677,5 +677,5 @@ fn admit(engine: &Arc<Engine>, message: async_nats::Message, endpoint: usize, bo
         bound: Some(bound.clone()),
         ..SubmitHints::default()
     };
-    engine.submit_with(&message.payload, Some(ReplyTo::new(reply)), &span, hints);
+    engine.submit_with(&message.payload, Some(ReplyTo::Core(reply)), &span, hints);
 }

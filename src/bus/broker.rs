@@ -7,6 +7,8 @@
 //! or newer with JetStream enabled for the account. Core request/reply (`--core-only`)
 //! works with any nats-server that supports headers (2.2 and newer).
 
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::AccountErrorKind;
 use std::time::Duration;
 
 /// The oldest nats-server millracer's durable intake supports: consumers with several
@@ -105,14 +107,21 @@ pub async fn check_account(
 ) -> Result<(), Incompatible> {
     let deadline = std::time::Instant::now() + patience;
     loop {
-        let error = match js.query_account().await {
+        let err = match js.query_account().await {
             Ok(_) => return Ok(()),
-            Err(err) => err.to_string(),
+            Err(err) => err,
         };
-        let lower = error.to_ascii_lowercase();
-        let absent = lower.contains("no responders")
-            || lower.contains("not enabled")
-            || lower.contains("jetstream unavailable");
+        // Absent (no responders to the API, or not enabled here) is said at once; anything
+        // else (a JetStream still starting) is waited for.
+        let absent = match err.kind() {
+            AccountErrorKind::JetStreamUnavailable => true,
+            AccountErrorKind::JetStream(api) => matches!(
+                api.error_code(),
+                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+            ),
+            AccountErrorKind::TimedOut | AccountErrorKind::Other => false,
+        };
+        let error = err.to_string();
         if absent || std::time::Instant::now() >= deadline {
             return Err(Incompatible::NoJetStream {
                 version: info.version.clone(),

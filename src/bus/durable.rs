@@ -37,7 +37,7 @@ use crate::bus::trace;
 use crate::contract::progress::Checkpoint;
 use crate::contract::vocab::EventType;
 use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
-use crate::engine::frames::ReplyTo;
+use crate::engine::frames::{DurableReply, ReplyTo};
 use crate::engine::service::{Engine, SubmitHints};
 use crate::millrace::delegation::{Resume, WorkItemRef};
 
@@ -346,15 +346,14 @@ async fn consumer(
         .get_or_create_consumer(&binding.name, config)
         .await
         .map_err(|e| {
-            let message = e.to_string();
-            if message.contains("not unique") || message.contains("overlap") {
+            if crate::bus::failover::is_consumer_overlap(&e) {
                 DurableError::ConsumerOverlap {
                     name: binding.name.clone(),
                     filters: binding.filters.clone(),
                     stream: subjects::JOBS_STREAM.to_string(),
                 }
             } else {
-                setup(format!("consumer {}", binding.name))(message)
+                setup(format!("consumer {}", binding.name))(e.to_string())
             }
         })?;
     let info = consumer
@@ -380,6 +379,8 @@ async fn consumer(
 
 /// Where a durable request's result goes: the stored record, then the ack.
 pub struct JsReply {
+    /// The durable side that stores the result before the ack.
+    durable: Arc<Durable>,
     message: Arc<jetstream::Message>,
     /// The KV key, when the request could be named.
     key: Option<String>,
@@ -392,10 +393,14 @@ pub struct JsReply {
     received: std::time::Instant,
 }
 
-impl JsReply {
-    /// The micro endpoint counting this request, and how long it took so far.
-    pub fn stats(&self) -> Option<(usize, Duration)> {
+impl DurableReply for JsReply {
+    fn stats(&self) -> Option<(usize, Duration)> {
         self.endpoint.map(|e| (e, self.received.elapsed()))
+    }
+
+    fn settle(self: Box<Self>, result: Arc<OpsResult>, last_sequence: Option<u64>) {
+        let durable = self.durable.clone();
+        durable.finish(*self, result, last_sequence);
     }
 }
 
@@ -599,6 +604,7 @@ impl Durable {
             let key = (!request_id.is_empty())
                 .then(|| subjects::result_key(bound.workspace(), &request_id));
             let reply = JsReply {
+                durable: self.clone(),
                 message,
                 key,
                 term: true,
@@ -606,7 +612,12 @@ impl Durable {
                 endpoint,
                 received,
             };
-            engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, submit_hints());
+            engine.submit_with(
+                &raw,
+                Some(ReplyTo::Durable(Box::new(reply))),
+                &span,
+                submit_hints(),
+            );
             return;
         };
         let key = subjects::result_key(bound.workspace(), &request.request_id);
@@ -662,6 +673,7 @@ impl Durable {
             self.ack_wait,
         ));
         let reply = JsReply {
+            durable: self.clone(),
             message,
             key: Some(key),
             term: false,
@@ -669,7 +681,7 @@ impl Durable {
             endpoint,
             received,
         };
-        engine.submit_with(&raw, Some(ReplyTo::new(reply)), &span, hints);
+        engine.submit_with(&raw, Some(ReplyTo::Durable(Box::new(reply))), &span, hints);
     }
 
     fn running(&self, workspace: Option<String>) -> JobRecord {
@@ -1110,8 +1122,8 @@ async fn progress_acks(
 
 /// Reads a stored record.
 /// The record under `key` ([`subjects::result_key`]).
-pub async fn read_record(kv: &kv::Store, key: &str) -> Result<Option<JobRecord>, String> {
-    let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+pub async fn read_record(kv: &kv::Store, key: &str) -> Result<Option<JobRecord>, kv::EntryError> {
+    let entry = kv.entry(key).await?;
     Ok(entry
         .filter(|e| e.operation == kv::Operation::Put)
         .and_then(|e| serde_json::from_slice(&e.value).ok()))

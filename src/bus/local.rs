@@ -23,7 +23,7 @@ pub async fn run_once(
     let (engine, mut rx) = Engine::new(Arc::new(service), options);
     engine.submit(
         raw,
-        Some(crate::engine::frames::ReplyTo::new(())),
+        Some(crate::engine::frames::ReplyTo::Local),
         &tracing::Span::current(),
     );
     let mut result = None;

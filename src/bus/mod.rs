@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod cancel;
 pub mod durable;
+pub mod failover;
 pub mod local;
 pub mod micro;
 pub mod nats;

@@ -8,7 +8,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::bus::subjects;
 use crate::contract::SCHEMA_VERSION;
-use crate::engine::frames::{FrameOut, Outbound};
+use crate::engine::frames::{FrameOut, Outbound, ReplyTo};
 
 /// The broker used when none is configured.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -295,18 +295,6 @@ fn base_headers(request_id: &str) -> HeaderMap {
     headers
 }
 
-/// Where a worker answers one request: the NATS reply subject, the endpoint it came in
-/// on (for the micro service counts) and when it arrived.
-#[derive(Debug)]
-pub struct NatsReply {
-    pub subject: Option<String>,
-    pub endpoint: usize,
-    pub received: std::time::Instant,
-    /// The workspace the endpoint's subject binds (`None`: `req.any`): the result is kept
-    /// under this scope's result key.
-    pub scope: Option<String>,
-}
-
 fn add_trace(headers: &mut HeaderMap, trace: &crate::engine::frames::TraceContext) {
     for (key, value) in trace {
         if let Some(value) = header_value(value) {
@@ -362,21 +350,18 @@ pub async fn publish_outbound(
                     .map(|e| format!("{}: {}", e.code, e.message));
                 let mut core_scope = None;
                 for reply in to {
-                    let reply = match reply.try_into_inner::<NatsReply>() {
-                        Ok(reply) => reply,
-                        Err(other) => {
-                            if let (Some(durable), Ok(js)) =
-                                (&durable, other.try_into_inner::<super::durable::JsReply>())
+                    let reply = match reply {
+                        ReplyTo::Core(reply) => reply,
+                        ReplyTo::Durable(reply) => {
+                            if let (Some(micro), Some((endpoint, elapsed))) =
+                                (&micro, reply.stats())
                             {
-                                if let (Some(micro), Some((endpoint, elapsed))) =
-                                    (&micro, js.stats())
-                                {
-                                    micro.record(endpoint, elapsed, error.clone());
-                                }
-                                durable.finish(js, result.clone(), last_sequence);
+                                micro.record(endpoint, elapsed, error.clone());
                             }
+                            reply.settle(result.clone(), last_sequence);
                             continue;
                         }
+                        ReplyTo::Local => continue,
                     };
                     if let Some(micro) = &micro {
                         micro.record(reply.endpoint, reply.received.elapsed(), error.clone());

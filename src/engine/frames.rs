@@ -3,36 +3,46 @@
 //! transport (NATS or in-process) delivers in order.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::contract::OpsResult;
 pub use crate::contract::progress::{FrameOut, TraceContext};
 
-/// Where a result goes, as the transport that received the request knows it (a NATS
-/// reply subject with its endpoint, or nothing for an in-process call). Opaque here, so
-/// the engine stays free of any transport.
-pub struct ReplyTo(Box<dyn std::any::Any + Send>);
-
-impl ReplyTo {
-    pub fn new<T: std::any::Any + Send>(value: T) -> Self {
-        Self(Box::new(value))
-    }
-
-    /// The transport's own value back.
-    pub fn into_inner<T: std::any::Any>(self) -> Option<T> {
-        self.0.downcast::<T>().ok().map(|b| *b)
-    }
-
-    /// The transport's own value back, or this box untouched when it holds another type
-    /// (a worker answers core request/reply and JetStream requests through one publisher).
-    pub fn try_into_inner<T: std::any::Any>(self) -> Result<T, Self> {
-        self.0.downcast::<T>().map(|b| *b).map_err(Self)
-    }
+/// Where a result goes, as the transport that received the request knows it. One closed
+/// set, so the publisher matches instead of guessing: a core reply is published, a
+/// durable one is stored and then acked (never the other way round), a local one is read
+/// off the engine's queue by the in-process caller.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// A core NATS request/reply (or a publish without a reply subject).
+    Core(CoreReply),
+    /// A JetStream request: the transport stores its result and settles the message.
+    Durable(Box<dyn DurableReply>),
+    /// An in-process call (`ops --transport local`, `run`): nothing to publish.
+    Local,
 }
 
-impl std::fmt::Debug for ReplyTo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ReplyTo(..)")
-    }
+/// A core request: where to answer, which micro endpoint counts it, when it arrived.
+#[derive(Debug)]
+pub struct CoreReply {
+    /// The NATS reply subject; `None` for a request published without one.
+    pub subject: Option<String>,
+    /// The micro endpoint (`$SRV.STATS`) the request came in on.
+    pub endpoint: usize,
+    pub received: Instant,
+    /// The workspace the endpoint's subject binds (`None`: `req.any`): the result is kept
+    /// under this scope's result key.
+    pub scope: Option<String>,
+}
+
+/// A durable request's settlement, implemented by the transport (the engine stays free of
+/// JetStream): the result is stored first, then the message acked (or terminated for
+/// invalid input), so a worker that dies in between leaves a redelivery, not a loss.
+pub trait DurableReply: Send + std::fmt::Debug {
+    /// The micro endpoint counting this request and how long it took so far.
+    fn stats(&self) -> Option<(usize, Duration)>;
+    /// Stores `result` (with the sequence of the request's last frame) and settles.
+    fn settle(self: Box<Self>, result: Arc<OpsResult>, last_sequence: Option<u64>);
 }
 
 /// A message for the transport to deliver.

@@ -177,27 +177,36 @@ mod tests {
         )
     }
 
+    fn core(subject: &str) -> ReplyTo {
+        ReplyTo::Core(crate::engine::frames::CoreReply {
+            subject: Some(subject.to_string()),
+            endpoint: 0,
+            received: std::time::Instant::now(),
+            scope: None,
+        })
+    }
+
     #[test]
     fn duplicates_attach_then_replay() {
         let finished = result();
         let mut ledger = Ledger::new(Duration::from_secs(60), 10);
+        assert!(matches!(ledger.admit("r", Some(core("a"))), Admission::New));
         assert!(matches!(
-            ledger.admit("r", Some(ReplyTo::new("a"))),
-            Admission::New
-        ));
-        assert!(matches!(
-            ledger.admit("r", Some(ReplyTo::new("b"))),
+            ledger.admit("r", Some(core("b"))),
             Admission::Attached
         ));
         assert_eq!(
             ledger
                 .finish("r", &finished, true)
                 .into_iter()
-                .filter_map(|r| r.into_inner::<&str>())
+                .filter_map(|r| match r {
+                    ReplyTo::Core(c) => c.subject,
+                    _ => None,
+                })
                 .collect::<Vec<_>>(),
             vec!["a", "b"]
         );
-        match ledger.admit("r", Some(ReplyTo::new("c"))) {
+        match ledger.admit("r", Some(core("c"))) {
             Admission::Finished(stored, Some(_)) => assert_eq!(*stored, finished),
             other => panic!("expected the stored result, got {other:?}"),
         }
@@ -208,7 +217,7 @@ mod tests {
         let mut ledger = Ledger::new(Duration::from_secs(60), 10);
         assert!(matches!(ledger.admit("r", None), Admission::New));
         assert!(matches!(
-            ledger.admit("r", Some(ReplyTo::new("b"))),
+            ledger.admit("r", Some(core("b"))),
             Admission::Attached
         ));
         assert_eq!(ledger.finish("r", &result(), false).len(), 1);
