@@ -699,7 +699,13 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
 fn sigterm_leaves_unstarted_work_to_another_worker() {
     let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 4}}));
     let nats = NatsServer::start();
-    let mut first = Worker::spawn(&nats.url, &[("alpha", ws.path())], &[]);
+    // A stop bound long enough for term-a's stages: the test is about what SIGTERM hands
+    // back, not about the bound.
+    let mut first = Worker::spawn(
+        &nats.url,
+        &[("alpha", ws.path())],
+        &["--shutdown-timeout", "120"],
+    );
     let first_id = first.service_id();
     rt().block_on(async {
         let client = nats.client().await;

@@ -381,7 +381,9 @@ fn the_reference_fixtures_and_read_only_actions_match_the_reference() {
         "status",
         "list_workspaces",
         "list_sessions",
-        "pause",
+        // An action neither version knows (`pause` was one in 0.2.0; millracer serves the
+        // operator actions 0.3.0 added, so it is no longer a parity case).
+        "reboot_host",
         "STATUS",
     ] {
         cases.push(case(

@@ -131,7 +131,8 @@ fn two_unnamed_workers_on_different_paths_both_serve_from_their_own_directory() 
     for w in [&wa, &wb] {
         wait_for_log(w, "worker ready", Duration::from_secs(15));
         assert!(
-            w.log().contains("durable=true"),
+            w.log()
+                .contains("durable intake (JetStream) and core request/reply"),
             "durable intake is on: {}",
             w.log()
         );
