@@ -621,7 +621,9 @@ impl Durable {
             return;
         };
         let key = subjects::result_key(bound.workspace(), &request.request_id);
-        let workspace = engine.service().plan(&request).workspace_id;
+        // Planned once, here: the engine runs the request with this plan.
+        let plan = engine.service().plan(&request);
+        let workspace = plan.workspace_id.clone();
         let frames_subject = subjects::frames(workspace.as_deref(), &request.request_id);
         let claim = self
             .claim_through_outage(&key, workspace.clone(), delivered, &message)
@@ -681,7 +683,14 @@ impl Durable {
             endpoint,
             received,
         };
-        engine.submit_with(&raw, Some(ReplyTo::Durable(Box::new(reply))), &span, hints);
+        // Parsed and bound above: handed to the engine as is, never parsed again.
+        engine.submit_request(
+            request,
+            Some(plan),
+            Some(ReplyTo::Durable(Box::new(reply))),
+            &span,
+            hints,
+        );
     }
 
     fn running(&self, workspace: Option<String>) -> JobRecord {

@@ -162,6 +162,21 @@ impl Engine {
             self.reject(&request.request_id, &request.action, *error, reply);
             return;
         }
+        self.submit_request(request, None, reply, parent, hints);
+    }
+
+    /// Admits a request the transport already parsed and bound to its subject (durable
+    /// intake reads it to claim it), with its plan when the transport made one: a request
+    /// is parsed and planned once. The order of calls is the order of lanes, as for
+    /// [`Engine::submit`].
+    pub fn submit_request(
+        self: &Arc<Self>,
+        request: OpsRequest,
+        plan: Option<Plan>,
+        reply: Option<ReplyTo>,
+        parent: &tracing::Span,
+        hints: SubmitHints,
+    ) {
         // The same request_id on two workspaces' subjects is two requests: one workspace
         // never gets another's stored result.
         let key = format!(
@@ -192,7 +207,7 @@ impl Engine {
             }
             Admission::New => {}
         }
-        let plan = self.service.plan(&request);
+        let plan = plan.unwrap_or_else(|| self.service.plan(&request));
         let span = tracing::info_span!(
             parent: parent,
             "request",
