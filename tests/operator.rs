@@ -163,6 +163,31 @@ fn queue_task_directly(ws: &Path, id: &str) {
     millrace(&["queue", "add-task", card.to_str().expect("utf-8")], ws);
 }
 
+/// Asks `health` until it says `want`, within a bound: the worker answers from its status
+/// snapshot, which follows a change made behind its back (a direct `millrace control`)
+/// within the time of one background refresh (a `millrace status`), not at once.
+async fn health_becomes(client: &async_nats::Client, ws: &str, id: &str, want: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let h = ask(
+            client,
+            ws,
+            &action(&format!("{id}-{n}"), ws, "health", json!({})),
+        )
+        .await;
+        if health_of(&h) == want {
+            return h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never became {want} within 60 s: {h:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn health_of(result: &Value) -> &str {
     assert_eq!(result["status"], "succeeded", "{result:#}");
     assert_eq!(result["route"], "inspect_only");
@@ -447,13 +472,7 @@ fn pause_then_resume_with_work_queued_is_recorded_and_health_tells_expected_from
         )
         .await;
         assert_eq!(r["result"]["reason"], "operator_requested");
-        let h = ask(
-            &client,
-            "other",
-            &action("h-paused", "other", "health", json!({})),
-        )
-        .await;
-        assert_eq!(health_of(&h), "paused_expected", "{h:#}");
+        health_becomes(&client, "other", "h-paused", "paused_expected").await;
         ask(
             &client,
             "other",
@@ -461,13 +480,7 @@ fn pause_then_resume_with_work_queued_is_recorded_and_health_tells_expected_from
         )
         .await;
         millrace(&["control", "pause"], other.path());
-        let h = ask(
-            &client,
-            "other",
-            &action("h-unexpected", "other", "health", json!({})),
-        )
-        .await;
-        assert_eq!(health_of(&h), "paused_unexpected", "{h:#}");
+        health_becomes(&client, "other", "h-unexpected", "paused_unexpected").await;
 
         // The same through the subcommands and the bridge.
         let url = nats.url.clone();
