@@ -660,6 +660,7 @@ fn ready(setup: &mut Setup, info: &async_nats::ServerInfo, durable: bool) -> any
         service = micro::SERVICE_NAME,
         id = %micro.id,
         host = %host,
+        durable,
         "worker ready: serving workspaces [{}] on {url} (nats-server {}): {serves}",
         served.join(", "),
         info.version,
