@@ -38,6 +38,7 @@ use crate::contract::registry::{Directory, RegistryEntry};
 use crate::engine::frames::{CoreReply, ReplyTo};
 use crate::engine::service::{Engine, EngineOptions, SubmitHints};
 use crate::millrace::sessions::SessionStore;
+use crate::millrace::workspace::Registry;
 
 /// The exit code of a worker whose broker cannot serve durable intake (no JetStream, a
 /// nats-server older than 2.10, JetStream API refusals) and that was not told
@@ -70,7 +71,46 @@ impl Refusal {
 /// The exit code of a worker refused for a workspace identity collision.
 pub const EXIT_COLLISION: u8 = 2;
 
-pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
+/// The worker's life, as the steps a reader can name: read its configuration, connect to
+/// a broker it can use, start the durable side (registry claim, consumers), start the
+/// engine and serve the core endpoints, say it is ready, and on a signal stop within the
+/// bound.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let Configuration {
+        mut setup,
+        service,
+        options,
+    } = load_configuration(args)?;
+    let (client, info) = connect_and_check_broker(&setup).await?;
+    let mut durability = start_durable_side(&mut setup, &client, &info).await?;
+    let mut running = start_engine(service, options, &setup, &client, &mut durability);
+    serve_core_endpoints(&client, &setup.micro, &mut running).await?;
+    ready(&mut setup, &info, durability.durable.is_some())?;
+    wait_for_signal().await?;
+    stop_within_bound(setup, client, durability, running).await
+}
+
+/// Who this worker is: the configuration file, the host id, the workspaces it serves and
+/// where the broker is.
+struct Identity {
+    file: Option<ConfigFile>,
+    host: String,
+    registry: Registry,
+    url: String,
+    /// A workspace's identity on the bus: its host id and canonical path.
+    fingerprints: HashMap<String, String>,
+}
+
+impl Identity {
+    fn fingerprint(&self, id: &str) -> String {
+        self.fingerprints.get(id).cloned().unwrap_or_default()
+    }
+}
+
+/// Reads the configuration file and the flags (a flag wins over the file) into the
+/// worker's identity; fills the NATS credentials and inbox prefix from the file when no
+/// flag gave them.
+fn identity(args: &mut WorkerArgs) -> anyhow::Result<Identity> {
     let file = args.config.as_deref().map(ConfigFile::load).transpose()?;
     let host = crate::app::cli::host_id(
         args.host_id
@@ -94,70 +134,62 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         &args.nats.credentials(),
         file.as_ref().and_then(|f| f.nats.url.as_deref()),
     );
-    // A workspace's identity on the bus: its host id and canonical path.
     let fingerprints: HashMap<String, String> = registry
         .records()
         .map(|r| (r.id.clone(), subjects::fingerprint(&host, &r.root)))
         .collect();
-    let fingerprint = |id: &str| fingerprints.get(id).cloned().unwrap_or_default();
+    Ok(Identity {
+        file,
+        host,
+        registry,
+        url,
+        fingerprints,
+    })
+}
 
-    // One endpoint per subject: any worker, each workspace by id and by path.
-    let mut endpoints = vec![endpoint("any", subjects::request_any(), None)];
-    for record in registry.records() {
-        endpoints.push(endpoint(
-            &format!("ws-{}", record.id),
-            subjects::request_by_id(&record.id),
-            Some(&record.id),
-        ));
-        endpoints.push(endpoint(
-            &format!("path-{}", record.id),
-            subjects::request_by_path(&fingerprint(&record.id)),
-            Some(&record.id),
-        ));
-        tracing::info!(workspace = %record.id, root = %record.root.display(), host = %host, fingerprint = %fingerprint(&record.id), "serving workspace");
-        if !crate::millrace::records::agents_dir(&record.root).is_dir() {
-            // Served anyway (it may be initialised later), but its requests fail until then.
-            tracing::warn!(
-                workspace = %record.id,
-                "{} is not a Millrace workspace yet (no millrace-agents/): run `millrace init --workspace {}` (its requests fail until then)",
-                record.root.display(),
-                record.root.display()
-            );
-        }
-    }
-    let ack_wait =
-        crate::app::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
-    let mut bindings = if args.core_only {
-        Vec::new()
-    } else {
-        durable::bindings(
-            registry
-                .records()
-                .map(|r| (r.id.as_str(), fingerprints[&r.id].as_str())),
-            ack_wait,
-        )
-    };
-    // Each durable consumer is an endpoint too, so `$SRV.STATS` counts durable requests.
-    for binding in &mut bindings {
-        let mut info = endpoint(
-            &format!("jobs-{}", binding.name),
-            binding.filters.first().cloned().unwrap_or_default(),
-            binding.workspace.as_deref(),
-        );
-        info.queue_group = binding.name.clone();
-        info.durable = true;
-        info.metadata
-            .insert("consumer".to_string(), binding.name.clone());
-        info.metadata
-            .insert("durable".to_string(), "true".to_string());
-        binding.endpoint = Some(endpoints.len());
-        endpoints.push(info);
-    }
+/// What the worker serves and how, all settled before it touches the broker.
+struct Setup {
+    args: WorkerArgs,
+    host: String,
+    url: String,
+    /// The `$SRV` service: every endpoint, core and durable.
+    micro: Arc<Micro>,
+    /// The durable consumers to bind (none with `--core-only`).
+    bindings: Vec<durable::Binding>,
+    ack_wait: std::time::Duration,
+    retention: std::time::Duration,
+    replicas: durable::Replicas,
+    /// The served workspace ids, for the ready line and file.
+    served: Vec<String>,
+    /// Named in a collision found on the consumers (the other side is not in the registry).
+    served_here: String,
+    /// This worker's entries in the bus's registry (claimed on the durable side).
+    registry_entries: Vec<RegistryEntry>,
+    ready_file: ReadyFile,
+    /// The bus's registry as other workers publish it (none with `--core-only`).
+    directory: Option<Arc<Directory>>,
+}
+
+/// The worker's setup and what its engine is built from.
+struct Configuration {
+    setup: Setup,
+    service: Service,
+    options: EngineOptions,
+}
+
+/// Everything from flags and the configuration file, checked before anything is
+/// connected: a bad configuration exits 1 without touching the broker. A ready file left
+/// by a worker that crashed is removed here, so it cannot say "ready" for this one.
+fn load_configuration(mut args: WorkerArgs) -> anyhow::Result<Configuration> {
+    let identity = identity(&mut args)?;
+    let registry = &identity.registry;
+    let host = &identity.host;
+    let (endpoints, bindings, ack_wait) = plan_endpoints(&identity, &args);
     let retention = std::time::Duration::from_secs(args.result_retention_seconds);
     let replicas = durable::Replicas {
         wanted: args
             .stream_replicas
-            .or_else(|| file.as_ref().and_then(|f| f.nats.stream_replicas))
+            .or_else(|| identity.file.as_ref().and_then(|f| f.nats.stream_replicas))
             .map(usize::from),
     };
     if let Some(n) = replicas.wanted
@@ -169,7 +201,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     }
     let served: Vec<String> = registry.records().map(|r| r.id.clone()).collect();
     // A ready file left by a worker that crashed must not say "ready" for this one.
-    let mut ready_file = ReadyFile::new(args.ready_file.clone())?;
+    let ready_file = ReadyFile::new(args.ready_file.clone())?;
     let micro = Arc::new(Micro::new(
         endpoints,
         HashMap::from([
@@ -193,7 +225,6 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             ),
         ]),
     ));
-    // Named in a collision found on the consumers (the other side is not in the registry).
     let served_here = registry
         .records()
         .map(|r| format!("{:?} at {host}:{}", r.id, r.root.display()))
@@ -204,7 +235,7 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         .map(|r| RegistryEntry {
             workspace_id: r.id.clone(),
             display_name: r.display_name.clone(),
-            fingerprint: fingerprint(&r.id),
+            fingerprint: identity.fingerprint(&r.id),
             host: host.clone(),
             root_path: r.root.display().to_string(),
             worker_id: micro.id.clone(),
@@ -213,21 +244,14 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             at: String::new(),
         })
         .collect();
-    let pi = if args.pi_runner || file.as_ref().is_some_and(|f| f.pi.enabled) {
-        let default_root = registry.default_record().map(|r| r.root.clone());
-        let base = args
-            .common
-            .pi_config(crate::agent::pi::SessionKind::Rpc, default_root.as_deref())?;
-        let config = match &file {
-            Some(file) => file.pi.apply(base, default_root.as_deref())?,
-            None => base,
-        };
-        tracing::info!(command = %config.command, kind = ?config.kind, "pi runner configured");
-        Some(crate::agent::pi::PiRunner::new(config))
-    } else {
-        None
-    };
+    let pi = pi_runner(&args, identity.file.as_ref(), registry)?;
     let directory = (!args.core_only).then(|| Arc::new(Directory::default()));
+    let Identity {
+        host,
+        registry,
+        url,
+        ..
+    } = identity;
     let service = Service {
         pi,
         cli_workspace: registry.default_record().map(|r| r.root.clone()),
@@ -247,10 +271,125 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         result_ttl: std::time::Duration::from_secs(args.result_ttl_seconds),
         result_capacity: args.result_capacity,
     };
+    Ok(Configuration {
+        setup: Setup {
+            args,
+            host,
+            url,
+            micro,
+            bindings,
+            ack_wait,
+            retention,
+            replicas,
+            served,
+            served_here,
+            registry_entries,
+            ready_file,
+            directory,
+        },
+        service,
+        options,
+    })
+}
 
+/// One endpoint per subject: any worker, each workspace by id and by path, and (unless
+/// `--core-only`) each durable consumer, so `$SRV.STATS` counts durable requests too.
+/// Returns the endpoints, the durable bindings (each naming its endpoint) and the ack wait
+/// they were made with. A workspace not initialised yet is served anyway, with a warning.
+fn plan_endpoints(
+    identity: &Identity,
+    args: &WorkerArgs,
+) -> (
+    Vec<EndpointInfo>,
+    Vec<durable::Binding>,
+    std::time::Duration,
+) {
+    let Identity { registry, host, .. } = identity;
+    let mut endpoints = vec![endpoint("any", subjects::request_any(), None)];
+    for record in registry.records() {
+        endpoints.push(endpoint(
+            &format!("ws-{}", record.id),
+            subjects::request_by_id(&record.id),
+            Some(&record.id),
+        ));
+        endpoints.push(endpoint(
+            &format!("path-{}", record.id),
+            subjects::request_by_path(&identity.fingerprint(&record.id)),
+            Some(&record.id),
+        ));
+        tracing::info!(workspace = %record.id, root = %record.root.display(), host = %host, fingerprint = %identity.fingerprint(&record.id), "serving workspace");
+        if !crate::millrace::records::agents_dir(&record.root).is_dir() {
+            // Served anyway (it may be initialised later), but its requests fail until then.
+            tracing::warn!(
+                workspace = %record.id,
+                "{} is not a Millrace workspace yet (no millrace-agents/): run `millrace init --workspace {}` (its requests fail until then)",
+                record.root.display(),
+                record.root.display()
+            );
+        }
+    }
+    let ack_wait =
+        crate::app::cli::secs(args.ack_wait_seconds).max(std::time::Duration::from_secs(1));
+    let mut bindings = if args.core_only {
+        Vec::new()
+    } else {
+        durable::bindings(
+            registry
+                .records()
+                .map(|r| (r.id.as_str(), identity.fingerprints[&r.id].as_str())),
+            ack_wait,
+        )
+    };
+    // Each durable consumer is an endpoint too, so `$SRV.STATS` counts durable requests.
+    for binding in &mut bindings {
+        let mut info = endpoint(
+            &format!("jobs-{}", binding.name),
+            binding.filters.first().cloned().unwrap_or_default(),
+            binding.workspace.as_deref(),
+        );
+        info.queue_group = binding.name.clone();
+        info.durable = true;
+        info.metadata
+            .insert("consumer".to_string(), binding.name.clone());
+        info.metadata
+            .insert("durable".to_string(), "true".to_string());
+        binding.endpoint = Some(endpoints.len());
+        endpoints.push(info);
+    }
+    (endpoints, bindings, ack_wait)
+}
+
+/// The pi runner, when `--pi-runner` or the file's `[pi]` enables it: its sessions start
+/// in the default workspace unless configured otherwise.
+fn pi_runner(
+    args: &WorkerArgs,
+    file: Option<&ConfigFile>,
+    registry: &Registry,
+) -> anyhow::Result<Option<crate::agent::pi::PiRunner>> {
+    if !(args.pi_runner || file.is_some_and(|f| f.pi.enabled)) {
+        return Ok(None);
+    }
+    let default_root = registry.default_record().map(|r| r.root.clone());
+    let base = args
+        .common
+        .pi_config(crate::agent::pi::SessionKind::Rpc, default_root.as_deref())?;
+    let config = match file {
+        Some(file) => file.pi.apply(base, default_root.as_deref())?,
+        None => base,
+    };
+    tracing::info!(command = %config.command, kind = ?config.kind, "pi runner configured");
+    Ok(Some(crate::agent::pi::PiRunner::new(config)))
+}
+
+/// Connects (retrying while no broker answers) and checks the server before anything is
+/// created on it: a broker the worker cannot use is refused with one ERROR line.
+async fn connect_and_check_broker(
+    setup: &Setup,
+) -> anyhow::Result<(async_nats::Client, async_nats::ServerInfo)> {
+    let url = &setup.url;
     tracing::info!(%url, "connecting to the broker");
     let client =
-        nats::connect_patiently(&args.nats.credentials(), &url, "millracer-worker").await?;
+        nats::connect_patiently(&setup.args.nats.credentials(), url, "millracer-worker").await?;
     let info = client.server_info();
     tracing::info!(
         version = %info.version,
@@ -259,74 +398,139 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         info.version
     );
     // Checked before anything is created on the broker.
-    broker::check_server(&info, &url, args.core_only).map_err(refuse)?;
-    // The durable side, the registry and the consumers: all or nothing, unless the
-    // operator asked for core request/reply only.
+    broker::check_server(&info, url, setup.args.core_only).map_err(refuse)?;
+    Ok((client, info))
+}
+
+/// The durable side as started: nothing of it with `--core-only`.
+struct Durability {
+    durable: Option<Arc<Durable>>,
+    /// This worker's claim in the bus's registry, kept alive until it stops.
+    registration: Option<Arc<Registration>>,
+    /// The bound consumers, handed to durable intake when the engine starts.
+    consumers: Vec<durable::BoundConsumer>,
+    /// Stops keeping the claim and following the registry.
+    registry_stop: CancellationToken,
+}
+
+/// The durable side, the registry and the consumers: all or nothing, unless the operator
+/// asked for core request/reply only. The account's JetStream is checked first, then the
+/// streams and buckets are made, the workspaces claimed in the registry (a collision exits
+/// 2) and the consumers bound (a collision there withdraws the claim and exits 2).
+async fn start_durable_side(
+    setup: &mut Setup,
+    client: &async_nats::Client,
+    info: &async_nats::ServerInfo,
+) -> anyhow::Result<Durability> {
     let registry_stop = CancellationToken::new();
-    let mut registration = None;
-    let mut consumers = Vec::new();
-    let durable = if args.core_only {
+    if setup.args.core_only {
         tracing::warn!(
             "--core-only: no durable intake, no results bucket, not in the bus's registry"
         );
-        None
-    } else {
-        let js = async_nats::jetstream::new(client.clone());
-        broker::check_account(&js, &info, &url, JETSTREAM_PATIENCE)
-            .await
-            .map_err(refuse)?;
-        let (durable, store) = setup_durable(js, &client, &micro.id, retention, replicas, ack_wait)
-            .await
-            .map_err(|message| {
-                refuse(Incompatible::JetStreamApi {
-                    version: info.version.clone(),
-                    url: url.clone(),
-                    what: "durable intake".to_string(),
-                    message,
-                })
-            })?;
-        let claim = Arc::new(Registration::new(
-            async_nats::jetstream::new(client.clone()),
-            store.clone(),
-            registry_entries,
-            micro.id.clone(),
-        ));
-        match claim.claim().await {
-            Ok(()) => {}
-            Err(RegisterError::Collision(collision)) => {
-                return Err(Refusal::collision(collision));
-            }
-            Err(err) => {
-                return Err(anyhow::Error::new(err).context(
-                    "durable intake cannot start (for a broker without JetStream, pass --core-only)",
-                ));
-            }
+        return Ok(Durability {
+            durable: None,
+            registration: None,
+            consumers: Vec::new(),
+            registry_stop,
+        });
+    }
+    let url = &setup.url;
+    let micro = &setup.micro;
+    let js = async_nats::jetstream::new(client.clone());
+    broker::check_account(&js, info, url, JETSTREAM_PATIENCE)
+        .await
+        .map_err(refuse)?;
+    let (durable, store) = setup_durable(
+        js,
+        client,
+        &micro.id,
+        setup.retention,
+        setup.replicas,
+        setup.ack_wait,
+    )
+    .await
+    .map_err(|message| {
+        refuse(Incompatible::JetStreamApi {
+            version: info.version.clone(),
+            url: url.clone(),
+            what: "durable intake".to_string(),
+            message,
+        })
+    })?;
+    let claim = Arc::new(Registration::new(
+        async_nats::jetstream::new(client.clone()),
+        store.clone(),
+        std::mem::take(&mut setup.registry_entries),
+        micro.id.clone(),
+    ));
+    match claim.claim().await {
+        Ok(()) => {}
+        Err(RegisterError::Collision(collision)) => {
+            return Err(Refusal::collision(collision));
         }
-        match durable.bind(std::mem::take(&mut bindings)).await {
-            Ok(bound) => consumers = bound,
-            Err(err) => {
-                claim.delete_all().await;
-                if err.is_collision() {
-                    return Err(Refusal::collision(format!(
-                        "workspace collision: {err} (this worker serves {served_here})"
-                    )));
-                }
-                return Err(anyhow::Error::new(err).context(
-                    "durable intake cannot start (for a broker without JetStream, pass --core-only)",
-                ));
-            }
-        }
-        tokio::spawn(claim.clone().keep(registry_stop.clone()));
-        if let Some(directory) = &directory {
-            tokio::spawn(registry::follow(
-                store,
-                directory.clone(),
-                registry_stop.clone(),
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context(
+                "durable intake cannot start (for a broker without JetStream, pass --core-only)",
             ));
         }
-        registration = Some(claim);
-        Some(durable)
+    }
+    let consumers = match durable.bind(std::mem::take(&mut setup.bindings)).await {
+        Ok(bound) => bound,
+        Err(err) => {
+            claim.delete_all().await;
+            if err.is_collision() {
+                return Err(Refusal::collision(format!(
+                    "workspace collision: {err} (this worker serves {})",
+                    setup.served_here
+                )));
+            }
+            return Err(anyhow::Error::new(err).context(
+                "durable intake cannot start (for a broker without JetStream, pass --core-only)",
+            ));
+        }
     };
+    tokio::spawn(claim.clone().keep(registry_stop.clone()));
+    if let Some(directory) = &setup.directory {
+        tokio::spawn(registry::follow(
+            store,
+            directory.clone(),
+            registry_stop.clone(),
+        ));
+    }
+    Ok(Durability {
+        durable: Some(durable),
+        registration: Some(claim),
+        consumers,
+        registry_stop,
+    })
+}
+
+/// The worker's running parts, held until it stops.
+struct Running {
+    engine: Arc<Engine>,
+    /// Sends the engine's frames, results and acks.
+    publisher: tokio::task::JoinHandle<()>,
+    /// Stops taking requests (core receivers, durable pullers, cancel listeners).
+    stop: CancellationToken,
+    cancel_task: tokio::task::JoinHandle<()>,
+    durable_task: Option<tokio::task::JoinHandle<()>>,
+    /// One receiver per core endpoint.
+    receivers: TaskTracker,
+    /// The `$SRV` responder, stopped last so the service stays visible while draining.
+    micro: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+/// The engine and what feeds and empties it: the publisher, the cancel listeners (cancels
+/// reach requests other workers hold, and theirs reach ours) and durable intake.
+fn start_engine(
+    service: Service,
+    options: EngineOptions,
+    setup: &Setup,
+    client: &async_nats::Client,
+    durability: &mut Durability,
+) -> Running {
+    let micro = &setup.micro;
+    let durable = &durability.durable;
     let (engine, outbound) = Engine::new(Arc::new(service), options);
     let publisher = tokio::spawn(nats::publish_outbound(
         client.clone(),
@@ -357,15 +561,34 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         cancel_scopes,
         stop.clone(),
     ));
+    let consumers = std::mem::take(&mut durability.consumers);
     let durable_task = durable.clone().map(|durable| {
         tokio::spawn(durable.serve(
             engine.clone(),
             consumers,
-            args.max_request_bytes,
+            setup.args.max_request_bytes,
             stop.clone(),
         ))
     });
-    let receivers = TaskTracker::new();
+    Running {
+        engine,
+        publisher,
+        stop,
+        cancel_task,
+        durable_task,
+        receivers: TaskTracker::new(),
+        micro: None,
+    }
+}
+
+/// A queue subscription per core endpoint, each handing its messages to the engine until
+/// the stop, then draining what the server already handed over; then the `$SRV` responder.
+/// Returns once the broker has every subscription (a flush).
+async fn serve_core_endpoints(
+    client: &async_nats::Client,
+    micro: &Arc<Micro>,
+    running: &mut Running,
+) -> anyhow::Result<()> {
     for (index, info) in micro.endpoints().iter().enumerate() {
         if info.durable {
             continue;
@@ -374,14 +597,14 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
             .queue_subscribe(info.subject.clone(), info.queue_group.clone())
             .await
             .with_context(|| format!("cannot subscribe to {}", info.subject))?;
-        let engine = engine.clone();
-        let stop = stop.clone();
+        let engine = running.engine.clone();
+        let stop = running.stop.clone();
         // The workspace this endpoint's subject binds (none: `req.any`).
         let bound = match info.metadata.get("workspace") {
             Some(id) => Bound::Workspace(id.clone()),
             None => Bound::Any,
         };
-        receivers.spawn(async move {
+        running.receivers.spawn(async move {
             loop {
                 tokio::select! {
                     biased;
@@ -404,14 +627,27 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
     }
     let micro_stop = CancellationToken::new();
     let micro_task = tokio::spawn(micro.clone().serve(client.clone(), micro_stop.clone()));
+    running.micro = Some((micro_stop, micro_task));
     client.flush().await.context("cannot reach NATS")?;
+    Ok(())
+}
+
+/// Says once, at INFO, what the worker serves and where, and writes `--ready-file`.
+fn ready(setup: &mut Setup, info: &async_nats::ServerInfo, durable: bool) -> anyhow::Result<()> {
+    let Setup {
+        url,
+        host,
+        micro,
+        served,
+        ..
+    } = &*setup;
     let subjects: Vec<&str> = micro
         .endpoints()
         .iter()
         .filter(|e| !e.durable)
         .map(|e| e.subject.as_str())
         .collect();
-    let serves = if durable.is_some() {
+    let serves = if durable {
         "durable intake (JetStream) and core request/reply"
     } else {
         "core request/reply only"
@@ -424,23 +660,49 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         service = micro::SERVICE_NAME,
         id = %micro.id,
         host = %host,
+        durable,
         "worker ready: serving workspaces [{}] on {url} (nats-server {}): {serves}",
         served.join(", "),
         info.version,
     );
-    ready_file.write(&serde_json::json!({
+    let content = serde_json::json!({
         "pid": std::process::id(),
         "url": url,
         "server_version": info.version,
         "workspaces": served,
-        "durable": durable.is_some(),
+        "durable": durable,
         "service_id": micro.id,
-    }))?;
+    });
+    setup.ready_file.write(&content)
+}
 
-    wait_for_signal().await?;
+/// Stops within `--shutdown-timeout`: not ready any more, out of the registry, no new
+/// requests; those in flight are answered, results stored and acked, the connection
+/// flushed and drained. Requests still in flight at the bound make the exit an error.
+async fn stop_within_bound(
+    mut setup: Setup,
+    client: async_nats::Client,
+    durability: Durability,
+    running: Running,
+) -> anyhow::Result<()> {
+    let Durability {
+        durable,
+        registration,
+        registry_stop,
+        ..
+    } = durability;
+    let Running {
+        engine,
+        publisher,
+        stop,
+        cancel_task,
+        durable_task,
+        receivers,
+        micro,
+    } = running;
     // Not ready any more: a service manager sees it before the drain ends.
-    ready_file.remove();
-    let bound = crate::app::cli::secs(args.shutdown_timeout_seconds);
+    setup.ready_file.remove();
+    let bound = crate::app::cli::secs(setup.args.shutdown_timeout_seconds);
     let started = std::time::Instant::now();
     tracing::info!(
         in_flight = engine.in_flight(),
@@ -472,8 +734,10 @@ pub async fn run(mut args: WorkerArgs) -> anyhow::Result<()> {
         {
             tracing::error!(%err, "durable intake task failed");
         }
-        micro_stop.cancel();
-        let _ = micro_task.await;
+        if let Some((micro_stop, micro_task)) = micro {
+            micro_stop.cancel();
+            let _ = micro_task.await;
+        }
         let _ = cancel_task.await;
         engine.shutdown().await;
         drop(engine);

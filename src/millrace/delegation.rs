@@ -2,6 +2,7 @@
 //! document, `queue add-<kind>`, the daemon, following the work item through the
 //! runtime's records, stopping the daemon, and the final status.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -144,42 +145,100 @@ impl DelegationError {
 /// death is seen at once; this only catches missed file notifications).
 const BACKSTOP: Duration = Duration::from_secs(5);
 
+/// One delegated run, as the steps a reader can name: make the workspace ready, take over
+/// what an earlier attempt left, write and queue the work item, follow it until the
+/// runtime gives a verdict, let the last stage events arrive, stop (or keep) the daemon,
+/// and report.
 pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, DelegationError> {
     let never = tokio_util::sync::CancellationToken::new();
     let cancel = plan.cancel.unwrap_or(&never);
     if cancel.is_cancelled() {
-        return Err(match plan.resume.and_then(Resume::document) {
-            Some(doc) => cancel_taken_over(plan, &doc, progress).await,
-            None => DelegationError::Cancelled {
-                work_item_id: None,
-                detail: "The request was cancelled before anything was queued.".into(),
-            },
-        });
+        return Err(cancelled_before_start(plan, progress).await);
     }
-    let ws = plan.workspace;
-    let args = |a: &[&str]| -> Vec<std::ffi::OsString> { a.iter().map(Into::into).collect() };
-    let ws_arg = ws.as_os_str().to_owned();
+    prepare_workspace(plan).await?;
+    let earlier = match resume_or_reuse(plan, progress).await? {
+        ControlFlow::Continue(earlier) => earlier,
+        ControlFlow::Break(blocked) => return Ok(blocked),
+    };
+    // Read from where the log ends now (before anything is queued), so this run's events
+    // are seen; a resumed run reads it all, its item's events came before.
+    let tail = if earlier.resumed.is_some() {
+        EventTail::from_start(plan.workspace)
+    } else {
+        EventTail::from_end(plan.workspace)
+    };
+    let queued = write_and_queue(plan, earlier, progress).await?;
+    let mut follow = Follow::start(plan, &queued, tail, progress).await?;
+    let verdict = follow
+        .until_verdict(plan, cancel, &queued.document.id, progress)
+        .await?;
+    follow.settle_stage_events(progress).await;
+    let status = stop_or_keep_daemon(plan, &mut follow.daemon, progress).await;
+    Ok(report(verdict, queued.document, status, follow, progress))
+}
+
+/// `argv` for the runtime from plain words.
+fn os_args(words: &[&str]) -> Vec<std::ffi::OsString> {
+    words.iter().map(Into::into).collect()
+}
+
+/// A request cancelled before its run began: what a previous owner queued is cancelled
+/// (not resumed); with nothing queued there is nothing to undo.
+async fn cancelled_before_start(plan: &Plan<'_>, progress: &Progress) -> DelegationError {
+    match plan.resume.and_then(Resume::document) {
+        Some(doc) => cancel_taken_over(plan, &doc, progress).await,
+        None => DelegationError::Cancelled {
+            work_item_id: None,
+            detail: "The request was cancelled before anything was queued.".into(),
+        },
+    }
+}
+
+/// `millrace init` and `compile validate` for the requested mode: a workspace the runtime
+/// cannot run in fails here, before any document is written or daemon started.
+async fn prepare_workspace(plan: &Plan<'_>) -> Result<(), DelegationError> {
+    let ws_arg = plan.workspace.as_os_str().to_owned();
     plan.millrace
         .run_checked(
-            &[args(&["init", "--workspace"]), vec![ws_arg.clone()]].concat(),
+            &[os_args(&["init", "--workspace"]), vec![ws_arg.clone()]].concat(),
             plan.cwd,
         )
         .await?;
     plan.millrace
         .run_checked(
             &[
-                args(&["compile", "validate", "--workspace"]),
-                vec![ws_arg.clone()],
-                args(&["--mode", plan.mode]),
+                os_args(&["compile", "validate", "--workspace"]),
+                vec![ws_arg],
+                os_args(&["--mode", plan.mode]),
             ]
             .concat(),
             plan.cwd,
         )
         .await?;
+    Ok(())
+}
 
-    // A run left by a worker that died: its queued item, or the document it meant to
-    // queue. The runtime's records say whether that queuing happened (the worker may have
-    // died between `queue add` and storing that it had queued).
+/// What earlier attempts at this request (or at the same scoped item) left behind.
+struct Earlier {
+    /// Queued by a worker that stopped: followed, not queued again.
+    resumed: Option<IntakeDocument>,
+    /// Written by a worker that stopped before queuing it (the runtime does not know it).
+    intended: Option<IntakeDocument>,
+    /// The document this run uses instead of writing one: the resumed or intended one, or
+    /// a scoped item queued before.
+    existing: Option<IntakeDocument>,
+}
+
+/// Finds what an earlier attempt left: a previous owner's queued item or intended
+/// document (the runtime's records say whether its queuing happened; the worker may have
+/// died between `queue add` and storing that it had queued), or a scoped item sent before.
+/// A re-sent scoped item is not queued twice, and one the runtime reports a failure for
+/// ends the run here as `blocked` ([`ControlFlow::Break`]).
+async fn resume_or_reuse(
+    plan: &Plan<'_>,
+    progress: &Progress,
+) -> Result<ControlFlow<Report, Earlier>, DelegationError> {
+    let ws = plan.workspace;
     let mut resumed = plan.resume.and_then(Resume::document);
     let mut intended = plan.resume.and_then(Resume::intended);
     if let Some(doc) = intended.take_if(|doc| records::queued(ws, &doc.id, doc.kind.as_str())) {
@@ -197,7 +256,6 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         );
     }
 
-    // A re-sent scoped item is not queued twice; one with failure evidence is blocked.
     let existing = match (&resumed, &intended) {
         (Some(doc), _) | (None, Some(doc)) => Some(doc.clone()),
         (None, None) => plan.scoped.and_then(|item| intake::find_scoped(ws, item)),
@@ -224,7 +282,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
                 format!("Scoped item was queued before and the runtime reports {reason}."),
                 payload! {"outcome" => Outcome::Blocked, "work_item_id" => doc.id},
             );
-            return Ok(Report {
+            return Ok(ControlFlow::Break(Report {
                 outcome: Outcome::Blocked,
                 scoped_completion: false,
                 event: Event {
@@ -238,7 +296,7 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
                 work_items: vec![doc.id.clone()],
                 warnings: Vec::new(),
                 restarts: 0,
-            });
+            }));
         }
         progress.info(
             EventType::RuntimeIntakeReused,
@@ -250,17 +308,38 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
             payload! {"work_item_id" => doc.id, "path" => doc.path.display().to_string()},
         );
     }
+    Ok(ControlFlow::Continue(Earlier {
+        resumed,
+        intended,
+        existing,
+    }))
+}
 
-    let mut tail = if resumed.is_some() {
-        EventTail::from_start(ws)
-    } else {
-        EventTail::from_end(ws)
-    };
-    // A reused document is queued again only when the runtime has no card for it (an
-    // earlier attempt wrote it but never queued it); an idea's id is not a card id, so a
-    // reused idea is never queued twice. A resumed request's item is already queued.
-    // A document the previous owner meant to queue and the runtime does not know is
-    // queued now (`intended` was checked above).
+/// The work item this run follows, and whether a previous owner had queued it.
+struct Queued {
+    document: IntakeDocument,
+    resumed: bool,
+}
+
+/// Writes the intake document (unless an earlier one is reused) and queues it with
+/// `queue add-<kind>` when the runtime does not have it yet.
+///
+/// A reused document is queued again only when the runtime has no card for it (an earlier
+/// attempt wrote it but never queued it); an idea's id is not a card id, so a reused idea
+/// is never queued twice. A resumed request's item is already queued. A document the
+/// previous owner meant to queue and the runtime does not know is queued now
+/// (`intended` was checked by [`resume_or_reuse`]).
+async fn write_and_queue(
+    plan: &Plan<'_>,
+    earlier: Earlier,
+    progress: &Progress,
+) -> Result<Queued, DelegationError> {
+    let ws = plan.workspace;
+    let Earlier {
+        resumed,
+        intended,
+        existing,
+    } = earlier;
     let (document, queue_it) = match existing {
         Some(doc) if intended.is_some() => {
             progress.info(
@@ -304,11 +383,11 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         plan.millrace
             .run_checked(
                 &[
-                    args(&["queue", document.kind.queue_command()]),
+                    os_args(&["queue", document.kind.queue_command()]),
                     vec![
                         document.path.as_os_str().to_owned(),
                         "--workspace".into(),
-                        ws_arg.clone(),
+                        ws.as_os_str().to_owned(),
                     ],
                 ]
                 .concat(),
@@ -321,97 +400,171 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
             payload! {"work_item_id" => document.id, "intake_kind" => document.kind.as_str(), "path" => document.path.display().to_string()},
         );
     }
+    Ok(Queued {
+        document,
+        resumed: resumed.is_some(),
+    })
+}
 
-    let mut tracker = Tracker::new(ws, &document.id, document.kind);
-    let (wake_tx, mut wake) = mpsc::channel::<()>(1);
-    let _watcher = watch(&records::agents_dir(ws), wake_tx);
-    let log_path = ws
-        .join(".millracer")
-        .join("logs")
-        .join(format!("daemon-{}.log", plan.log_name));
-    let adopted = plan
-        .resume
-        .and_then(|r| r.daemon_pid)
-        .filter(|_| resumed.is_some())
-        .and_then(|pid| Daemon::adopt(pid, log_path.clone()));
-    let mut daemon = match adopted {
-        Some(daemon) => {
-            progress.info(
-                EventType::RuntimeDaemonAdopted,
-                "The Millrace daemon the previous worker started still runs; following it.",
-                payload! {"pid" => daemon.pid()},
-            );
-            daemon
-        }
-        None => start_daemon(plan, &log_path, progress, 0).await?,
-    };
-    let deadline = Instant::now() + plan.daemon_timeout;
-    let mut restarts = 0u32;
-    let mut warnings = Vec::new();
+/// What following found: the runtime's verdict, or the daemon stopped for good
+/// (`kind`, `reason` in the reference's vocabulary) once its restarts were used up.
+type Finding = Result<Verdict, (String, String)>;
 
-    let verdict: Result<Verdict, (String, String)> = loop {
-        if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
-            break Ok(verdict);
-        }
-        if let Some(verdict) = tracker.check_records(false) {
-            break Ok(verdict);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            let _ = daemon
-                .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
-                .await;
-            progress.emit(
-                EventType::RuntimeTerminal,
-                Severity::Error,
-                "Timed out waiting for the delegated work; the daemon was stopped.",
-                payload! {"outcome" => Outcome::Timeout},
-            );
-            return Err(DelegationError::Timeout(ws.display().to_string()));
-        }
-        tokio::select! {
-            _ = wake.recv() => {}
-            _ = tokio::time::sleep(BACKSTOP.min(deadline - now)) => {}
-            () = cancel.cancelled() => {
-                return Err(cancel_run(plan, &mut daemon, &document.id, &mut tail, &mut tracker, progress).await);
-            }
-            code = daemon.wait() => {
-                // Read what the daemon wrote before it ended.
-                if let Some(verdict) = drain(&mut tail, &mut tracker, progress) {
-                    break Ok(verdict);
-                }
-                if let Some(verdict) = tracker.check_records(true) {
-                    break Ok(verdict);
-                }
-                let status = plan.millrace.status(ws, plan.cwd).await?;
-                let (kind, reason) = classify_dead_daemon(&status);
-                progress.emit(
-                    EventType::RuntimeDaemonExited,
-                    Severity::Warning,
-                    format!("The Millrace daemon exited (code {code}) before the work ended: {reason}."),
-                    payload! {"exit_code" => code, "kind" => kind, "reason" => reason},
+/// A queued work item followed through the runtime's records while a daemon works on it.
+struct Follow {
+    tail: EventTail,
+    tracker: Tracker,
+    /// Fires when anything under `millrace-agents/` changes.
+    wake: mpsc::Receiver<()>,
+    /// Kept alive for as long as `wake` is read.
+    _watcher: Option<notify::RecommendedWatcher>,
+    log_path: PathBuf,
+    daemon: Daemon,
+    restarts: u32,
+    warnings: Vec<String>,
+}
+
+impl Follow {
+    /// Watches the runtime's files and gets a daemon working: the previous owner's, when a
+    /// resumed request's daemon still runs, else a new one.
+    async fn start(
+        plan: &Plan<'_>,
+        queued: &Queued,
+        tail: EventTail,
+        progress: &Progress,
+    ) -> Result<Self, DelegationError> {
+        let ws = plan.workspace;
+        let document = &queued.document;
+        let tracker = Tracker::new(ws, &document.id, document.kind);
+        let (wake_tx, wake) = mpsc::channel::<()>(1);
+        let watcher = watch(&records::agents_dir(ws), wake_tx);
+        let log_path = daemon_log_path(plan);
+        let adopted = plan
+            .resume
+            .and_then(|r| r.daemon_pid)
+            .filter(|_| queued.resumed)
+            .and_then(|pid| Daemon::adopt(pid, log_path.clone()));
+        let daemon = match adopted {
+            Some(daemon) => {
+                progress.info(
+                    EventType::RuntimeDaemonAdopted,
+                    "The Millrace daemon the previous worker started still runs; following it.",
+                    payload! {"pid" => daemon.pid()},
                 );
-                if restarts >= plan.max_restarts {
-                    break Err((kind, reason));
-                }
-                restarts += 1;
-                warnings.push(format!("daemon restarted after it stopped: {reason}"));
-                daemon = start_daemon(plan, &log_path, progress, restarts).await?;
+                daemon
             }
-        }
-    };
-
-    // Records can move a card before the event log has the stage's completion line:
-    // wait briefly for it, so subscribers see every stage start and finish exactly once.
-    let settle_until = Instant::now() + Duration::from_secs(3);
-    while tracker.active_stage().is_some() && Instant::now() < settle_until {
-        tokio::select! {
-            _ = wake.recv() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-        let _ = drain(&mut tail, &mut tracker, progress);
+            None => start_daemon(plan, &log_path, progress, 0).await?,
+        };
+        Ok(Self {
+            tail,
+            tracker,
+            wake,
+            _watcher: watcher,
+            log_path,
+            daemon,
+            restarts: 0,
+            warnings: Vec::new(),
+        })
     }
 
+    /// Reads the runtime's events and records on every file change (and every
+    /// [`BACKSTOP`]) until they give a verdict. A daemon that exits first is restarted up
+    /// to `max_restarts` times; the deadline stops the daemon and fails the run; a cancel
+    /// stops the daemon and cancels the work item ([`cancel_run`]).
+    async fn until_verdict(
+        &mut self,
+        plan: &Plan<'_>,
+        cancel: &tokio_util::sync::CancellationToken,
+        work_item_id: &str,
+        progress: &Progress,
+    ) -> Result<Finding, DelegationError> {
+        let ws = plan.workspace;
+        let deadline = Instant::now() + plan.daemon_timeout;
+        loop {
+            if let Some(verdict) = drain(&mut self.tail, &mut self.tracker, progress) {
+                return Ok(Ok(verdict));
+            }
+            if let Some(verdict) = self.tracker.check_records(false) {
+                return Ok(Ok(verdict));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let _ = self
+                    .daemon
+                    .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
+                    .await;
+                progress.emit(
+                    EventType::RuntimeTerminal,
+                    Severity::Error,
+                    "Timed out waiting for the delegated work; the daemon was stopped.",
+                    payload! {"outcome" => Outcome::Timeout},
+                );
+                return Err(DelegationError::Timeout(ws.display().to_string()));
+            }
+            tokio::select! {
+                _ = self.wake.recv() => {}
+                _ = tokio::time::sleep(BACKSTOP.min(deadline - now)) => {}
+                () = cancel.cancelled() => {
+                    return Err(cancel_run(plan, &mut self.daemon, work_item_id, &mut self.tail, &mut self.tracker, progress).await);
+                }
+                code = self.daemon.wait() => {
+                    // Read what the daemon wrote before it ended.
+                    if let Some(verdict) = drain(&mut self.tail, &mut self.tracker, progress) {
+                        return Ok(Ok(verdict));
+                    }
+                    if let Some(verdict) = self.tracker.check_records(true) {
+                        return Ok(Ok(verdict));
+                    }
+                    let status = plan.millrace.status(ws, plan.cwd).await?;
+                    let (kind, reason) = classify_dead_daemon(&status);
+                    progress.emit(
+                        EventType::RuntimeDaemonExited,
+                        Severity::Warning,
+                        format!("The Millrace daemon exited (code {code}) before the work ended: {reason}."),
+                        payload! {"exit_code" => code, "kind" => kind, "reason" => reason},
+                    );
+                    if self.restarts >= plan.max_restarts {
+                        return Ok(Err((kind, reason)));
+                    }
+                    self.restarts += 1;
+                    self.warnings.push(format!("daemon restarted after it stopped: {reason}"));
+                    self.daemon = start_daemon(plan, &self.log_path, progress, self.restarts).await?;
+                }
+            }
+        }
+    }
+
+    /// Records can move a card before the event log has the stage's completion line:
+    /// waits briefly (3 s at most) for it, so subscribers see every stage start and finish
+    /// exactly once.
+    async fn settle_stage_events(&mut self, progress: &Progress) {
+        let settle_until = Instant::now() + Duration::from_secs(3);
+        while self.tracker.active_stage().is_some() && Instant::now() < settle_until {
+            tokio::select! {
+                _ = self.wake.recv() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let _ = drain(&mut self.tail, &mut self.tracker, progress);
+        }
+    }
+}
+
+/// Where this run's daemon writes its log: `.millracer/logs/daemon-<log name>.log`.
+fn daemon_log_path(plan: &Plan<'_>) -> PathBuf {
+    plan.workspace
+        .join(".millracer")
+        .join("logs")
+        .join(format!("daemon-{}.log", plan.log_name))
+}
+
+/// Stops the daemon (tidying a stale lock it leaves) unless `--keep-daemon`, and reads
+/// the runtime's final status for the result: the one the stale-state check read when it
+/// is still current, else a fresh `millrace status` (none when that fails).
+async fn stop_or_keep_daemon(
+    plan: &Plan<'_>,
+    daemon: &mut Daemon,
+    progress: &Progress,
+) -> Option<Map<String, Value>> {
     let mut final_status = None;
     if plan.keep_daemon {
         progress.info(
@@ -421,7 +574,12 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         );
     } else {
         let _ = daemon
-            .stop(plan.millrace, ws, plan.cwd, Duration::from_secs(30))
+            .stop(
+                plan.millrace,
+                plan.workspace,
+                plan.cwd,
+                Duration::from_secs(30),
+            )
             .await;
         final_status = clear_stale_if_needed(plan).await;
         progress.info(
@@ -430,11 +588,21 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
             payload! {"pid" => daemon.pid()},
         );
     }
-    let status = match final_status {
+    match final_status {
         Some(status) => Some(status),
-        None => plan.millrace.status(ws, plan.cwd).await.ok(),
-    };
+        None => plan.millrace.status(plan.workspace, plan.cwd).await.ok(),
+    }
+}
 
+/// Turns what following found into the outcome in the reference's vocabulary, says it in
+/// one `runtime.terminal` frame, and builds the report.
+fn report(
+    verdict: Finding,
+    document: IntakeDocument,
+    status: Option<Map<String, Value>>,
+    follow: Follow,
+    progress: &Progress,
+) -> Report {
     let (outcome, scoped, event, evidence) = match verdict {
         Ok(Verdict::Completed { reason, evidence }) => (
             Outcome::Completed,
@@ -485,18 +653,18 @@ pub async fn run(plan: &Plan<'_>, progress: &Progress) -> Result<Report, Delegat
         format!("Delegated work ended: {outcome} ({}: {}).", event.kind, event.reason),
         payload! {"outcome" => outcome, "kind" => event.kind, "reason" => event.reason, "scoped_completion" => scoped, "work_item_id" => document.id},
     );
-    Ok(Report {
+    Report {
         outcome,
         scoped_completion: scoped,
         event,
         evidence,
         document: Some(document),
         status,
-        stages: tracker.stages.clone(),
-        work_items: tracker.work_items(),
-        warnings,
-        restarts,
-    })
+        stages: follow.tracker.stages.clone(),
+        work_items: follow.tracker.work_items(),
+        warnings: follow.warnings,
+        restarts: follow.restarts,
+    }
 }
 
 /// A request cancelled while its worker was gone: what that worker started is stopped (its
@@ -516,15 +684,10 @@ async fn cancel_taken_over(
         ),
         payload! {"work_item_id" => doc.id},
     );
-    let log_path = plan
-        .workspace
-        .join(".millracer")
-        .join("logs")
-        .join(format!("daemon-{}.log", plan.log_name));
     let mut daemon = plan
         .resume
         .and_then(|r| r.daemon_pid)
-        .and_then(|pid| Daemon::adopt(pid, log_path));
+        .and_then(|pid| Daemon::adopt(pid, daemon_log_path(plan)));
     cancel_work(plan, daemon.as_mut(), &doc.id, None, progress).await
 }
 
