@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
+use backon::Retryable;
 use futures::StreamExt;
 use tracing::Instrument;
 
@@ -22,9 +23,9 @@ use crate::actions::dispatch::{Action, Service, Serving};
 use crate::agent::pi::{PiError, PiRunner, SessionKind};
 use crate::app::cli::{CommonOptions, NatsOptions, OpsArgs, Submit, Transport, secs};
 use crate::bus::durable;
-use crate::bus::failover;
 use crate::bus::nats::{self, Patience};
 use crate::bus::subjects;
+use crate::bus::{failover, retry};
 use crate::contract::vocab::EventType;
 use crate::contract::{OpsEventFrame, OpsRequest, OpsResult, ResultStatus, parse_request};
 use crate::millrace::sessions::SessionStore;
@@ -519,21 +520,11 @@ async fn served(
     };
     // A cluster electing leaders answers the registry late for a few seconds: tried again
     // for a bounded while before the caller is told.
-    let deadline = tokio::time::Instant::now() + REGISTRY_PATIENCE;
-    let owners = loop {
-        match crate::bus::registry::read(&js, &filter).await {
-            Ok(owners) => break owners,
-            Err(err) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%err, "cannot read the bus's registry yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(err) => {
-                return Err(BusError::Failed(format!(
-                    "cannot read the bus's registry: {err}"
-                )));
-            }
-        }
-    };
+    let owners = (|| crate::bus::registry::read(&js, &filter))
+        .retry(retry::patiently(Some(REGISTRY_PATIENCE)))
+        .notify(|err, _| tracing::debug!(%err, "cannot read the bus's registry yet; retrying"))
+        .await
+        .map_err(|err| BusError::Failed(format!("cannot read the bus's registry: {err}")))?;
     let Some(owners) = owners else {
         return Ok(None);
     };
@@ -838,35 +829,25 @@ async fn jetstream_parts(
     // A cluster electing new leaders (a server died, a stream was just created) answers
     // with timeouts or "no responders" for a few seconds: that is not "no worker". Only a
     // stream or bucket that does not exist is.
-    let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
-    loop {
-        let parts = async {
-            js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| {
-                (
-                    subjects::JOBS_STREAM,
-                    Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
-                )
-            })?;
-            js.get_key_value(subjects::RESULTS_BUCKET)
-                .await
-                .map_err(|e| {
-                    (
-                        subjects::RESULTS_BUCKET,
-                        Box::new(e) as Box<dyn std::error::Error + Send + Sync>,
-                    )
-                })
-        };
-        match parts.await {
-            Ok(kv) => return Ok((js, kv)),
-            Err((what, err))
-                if failover::is_transient(err.as_ref())
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tracing::debug!(%err, what, "JetStream not ready; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err((what, err)) => return Err(missing(what, err.to_string())),
-        }
+    type Failure = (&'static str, Box<dyn std::error::Error + Send + Sync>);
+    let parts = || async {
+        js.get_stream(subjects::JOBS_STREAM)
+            .await
+            .map_err(|e| (subjects::JOBS_STREAM, Box::new(e) as _))?;
+        js.get_key_value(subjects::RESULTS_BUCKET)
+            .await
+            .map_err(|e| (subjects::RESULTS_BUCKET, Box::new(e) as _))
+    };
+    match parts
+        .retry(retry::patiently(Some(JETSTREAM_PATIENCE)))
+        .when(|(_, err): &Failure| failover::is_transient(err.as_ref()))
+        .notify(
+            |(what, err): &Failure, _| tracing::debug!(%err, what, "JetStream not ready; retrying"),
+        )
+        .await
+    {
+        Ok(kv) => Ok((js, kv)),
+        Err((what, err)) => Err(missing(what, err.to_string())),
     }
 }
 
@@ -881,16 +862,11 @@ async fn read_record_patiently(
     kv: &async_nats::jetstream::kv::Store,
     key: &str,
 ) -> Result<Option<durable::JobRecord>, async_nats::jetstream::kv::EntryError> {
-    let deadline = tokio::time::Instant::now() + JETSTREAM_PATIENCE;
-    loop {
-        match durable::read_record(kv, key).await {
-            Err(err) if failover::is_transient(&err) && tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%err, "cannot read the results bucket yet; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            other => return other,
-        }
-    }
+    (|| durable::read_record(kv, key))
+        .retry(retry::patiently(Some(JETSTREAM_PATIENCE)))
+        .when(|err| failover::is_transient(err))
+        .notify(|err, _| tracing::debug!(%err, "cannot read the results bucket yet; retrying"))
+        .await
 }
 
 /// Durable submission: the stored result when there is one; otherwise the request is
@@ -941,39 +917,34 @@ async fn via_durable(
         .payload(bytes::Bytes::copy_from_slice(raw))
         .headers(headers)
         .message_id(key.clone());
-    // Published until the stream confirms it (a broker restarting is waited for).
-    loop {
-        let attempt = async {
-            js.send_publish(subject.clone(), message.clone())
-                .await?
-                .await
-        };
-        match attempt.await {
-            Ok(ack) => {
-                tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
-                break;
-            }
-            Err(err) => match failover::publish_refusal(&err) {
-                Some(failover::Refusal::NotStored(why)) => {
-                    return Err(BusError::Failed(format!(
-                        "the bus refused to store the request on {subject}: {why} (at most {} requests wait per jobs subject for a worker)",
-                        durable::JOBS_MAX_PER_SUBJECT
-                    )));
-                }
-                Some(failover::Refusal::TooLarge) => {
-                    return Err(BusError::Failed(format!(
-                        "the request of {} bytes is too large for the bus: {err}",
-                        raw.len()
-                    )));
-                }
-                None => {
-                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                        return Err(BusError::Timeout(timeout.unwrap_or_default()));
-                    }
-                    tracing::warn!(%err, "cannot store the request yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            },
+    // Published until the stream confirms it (a broker restarting is waited for, within
+    // `--timeout`); a refusal by the server is final.
+    let publish = || async {
+        js.send_publish(subject.clone(), message.clone())
+            .await?
+            .await
+    };
+    let stored = publish
+        .retry(retry::patiently(timeout))
+        .when(|err| failover::publish_refusal(err).is_none())
+        .notify(|err, _| tracing::warn!(%err, "cannot store the request yet; retrying"))
+        .await;
+    match stored {
+        Ok(ack) => {
+            tracing::debug!(stream = %ack.stream, sequence = ack.sequence, duplicate = ack.duplicate, "request stored");
+        }
+        Err(err) => {
+            return Err(match failover::publish_refusal(&err) {
+                Some(failover::Refusal::NotStored(why)) => BusError::Failed(format!(
+                    "the bus refused to store the request on {subject}: {why} (at most {} requests wait per jobs subject for a worker)",
+                    durable::JOBS_MAX_PER_SUBJECT
+                )),
+                Some(failover::Refusal::TooLarge) => BusError::Failed(format!(
+                    "the request of {} bytes is too large for the bus: {err}",
+                    raw.len()
+                )),
+                None => BusError::Timeout(timeout.unwrap_or_default()),
+            });
         }
     }
     let wait = Wait {

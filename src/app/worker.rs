@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use backon::Retryable;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -806,35 +807,29 @@ async fn setup_durable(
     replicas: durable::Replicas,
     ack_wait: std::time::Duration,
 ) -> Result<DurableSide, String> {
-    let deadline = std::time::Instant::now() + JETSTREAM_PATIENCE;
     let mut warned = false;
-    loop {
-        let attempt = async {
-            let kv = durable::ensure(&js, retention, replicas).await?;
-            let store = registry::ensure(&js).await?;
-            Ok::<_, durable::DurableError>((kv, store))
-        };
-        match attempt.await {
-            Ok((kv, store)) => {
-                return Ok((
-                    Durable::new(js, client.clone(), kv, owner.to_string(), ack_wait),
-                    store,
-                ));
+    let attempt = || async {
+        let kv = durable::ensure(&js, retention, replicas).await?;
+        let store = registry::ensure(&js).await?;
+        Ok::<_, durable::DurableError>((kv, store))
+    };
+    let (kv, store) = attempt
+        .retry(crate::bus::retry::patiently(Some(JETSTREAM_PATIENCE)))
+        .notify(|err, _| {
+            if !std::mem::replace(&mut warned, true) {
+                tracing::warn!(
+                    %err,
+                    "JetStream not ready; retrying for up to {} s",
+                    JETSTREAM_PATIENCE.as_secs()
+                );
             }
-            Err(err) if std::time::Instant::now() >= deadline => return Err(err.to_string()),
-            Err(err) => {
-                if !warned {
-                    tracing::warn!(
-                        %err,
-                        "JetStream not ready; retrying every 1 s for up to {} s",
-                        JETSTREAM_PATIENCE.as_secs()
-                    );
-                    warned = true;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-    }
+        })
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok((
+        Durable::new(js, client.clone(), kv, owner.to_string(), ack_wait),
+        store,
+    ))
 }
 
 /// Says why the broker cannot serve (one ERROR line) and makes it the worker's error.

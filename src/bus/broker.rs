@@ -8,7 +8,8 @@
 //! works with any nats-server that supports headers (2.2 and newer).
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::context::AccountErrorKind;
+use async_nats::jetstream::context::{AccountError, AccountErrorKind};
+use backon::Retryable;
 use std::time::Duration;
 
 /// The oldest nats-server millracer's durable intake supports: consumers with several
@@ -105,33 +106,27 @@ pub async fn check_account(
     url: &str,
     patience: Duration,
 ) -> Result<(), Incompatible> {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        let err = match js.query_account().await {
-            Ok(_) => return Ok(()),
-            Err(err) => err,
-        };
-        // Absent (no responders to the API, or not enabled here) is said at once; anything
-        // else (a JetStream still starting) is waited for.
-        let absent = match err.kind() {
-            AccountErrorKind::JetStreamUnavailable => true,
-            AccountErrorKind::JetStream(api) => matches!(
-                api.error_code(),
-                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
-            ),
-            AccountErrorKind::TimedOut | AccountErrorKind::Other => false,
-        };
-        let error = err.to_string();
-        if absent || std::time::Instant::now() >= deadline {
-            return Err(Incompatible::NoJetStream {
-                version: info.version.clone(),
-                url: url.to_string(),
-                detail: format!(" for this account ({error})"),
-            });
-        }
-        tracing::debug!(%error, "JetStream API not answering yet; retrying");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Absent (no responders to the API, or not enabled here) is said at once; anything
+    // else (a JetStream still starting) is waited for.
+    let absent = |err: &AccountError| match err.kind() {
+        AccountErrorKind::JetStreamUnavailable => true,
+        AccountErrorKind::JetStream(api) => matches!(
+            api.error_code(),
+            ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        ),
+        AccountErrorKind::TimedOut | AccountErrorKind::Other => false,
+    };
+    (|| js.query_account())
+        .retry(crate::bus::retry::patiently(Some(patience)))
+        .when(|err| !absent(err))
+        .notify(|err, _| tracing::debug!(%err, "JetStream API not answering yet; retrying"))
+        .await
+        .map(drop)
+        .map_err(|err| Incompatible::NoJetStream {
+            version: info.version.clone(),
+            url: url.to_string(),
+            detail: format!(" for this account ({err})"),
+        })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use async_nats::jetstream::{
     kv,
     stream::{DiscardPolicy, RetentionPolicy, StorageType},
 };
+use backon::Retryable;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -727,20 +728,18 @@ impl Durable {
         delivered: i64,
         message: &jetstream::Message,
     ) -> Result<Claim, String> {
-        let deadline = std::time::Instant::now() + CLAIM_PATIENCE;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.claim(key, workspace.clone(), delivered).await {
-                Ok(claim) => return Ok(claim),
-                Err(err) if std::time::Instant::now() < deadline => {
-                    tracing::debug!(%err, key, "cannot claim a request yet; retrying");
-                    let _ = message.ack_with(AckKind::Progress).await;
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(err) => return Err(err),
+        let attempt = || async {
+            let claimed = self.claim(key, workspace.clone(), delivered).await;
+            if claimed.is_err() {
+                // Still this worker's while it waits for the bucket.
+                let _ = message.ack_with(AckKind::Progress).await;
             }
-        }
+            claimed
+        };
+        attempt
+            .retry(crate::bus::retry::patiently(Some(CLAIM_PATIENCE)))
+            .notify(|err, _| tracing::debug!(%err, key, "cannot claim a request yet; retrying"))
+            .await
     }
 
     async fn claim(
@@ -1010,26 +1009,12 @@ impl Durable {
             return false;
         };
         let body = Bytes::from(body);
-        let deadline = std::time::Instant::now() + patience;
-        let mut delay = Duration::from_millis(100);
-        let mut stored = false;
-        loop {
-            match self.kv.put(key, body.clone()).await {
-                Ok(_) => {
-                    stored = true;
-                    break;
-                }
-                Err(err) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(%err, key, "cannot store a request's state; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(err) => {
-                    tracing::error!(%err, key, "gave up storing a request's state");
-                    break;
-                }
-            }
-        }
+        let stored = (|| self.kv.put(key, body.clone()))
+            .retry(crate::bus::retry::patiently(Some(patience)))
+            .notify(|err, _| tracing::warn!(%err, key, "cannot store a request's state; retrying"))
+            .await
+            .inspect_err(|err| tracing::error!(%err, key, "gave up storing a request's state"))
+            .is_ok();
         if last {
             self.records
                 .lock()

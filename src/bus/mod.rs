@@ -12,5 +12,6 @@ pub mod local;
 pub mod micro;
 pub mod nats;
 pub mod registry;
+pub mod retry;
 pub mod subjects;
 pub mod trace;
