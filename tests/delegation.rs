@@ -63,9 +63,18 @@ async fn send_and_follow(
     request: &Value,
 ) -> (Value, Vec<Value>) {
     let id = request["request_id"].as_str().expect("request_id");
-    let mut frames = frames_of(client, id).await;
-    let mut reply = spawn_request(client, subject, request);
-    let mut seen = Vec::new();
+    let frames = frames_of(client, id).await;
+    let reply = spawn_request(client, subject, request);
+    follow(reply, frames, Vec::new()).await
+}
+
+/// Follows a request already sent to its result: `seen` are its frames read so far (the
+/// subscription and the request on one connection); returns the result and every frame.
+async fn follow(
+    mut reply: tokio::task::JoinHandle<Result<async_nats::Message, async_nats::RequestError>>,
+    mut frames: async_nats::Subscriber,
+    mut seen: Vec<Value>,
+) -> (Value, Vec<Value>) {
     let answer = loop {
         tokio::select! {
             answer = &mut reply => break answer.expect("task").expect("an answer"),
@@ -147,6 +156,19 @@ async fn next_frame(frames: &mut async_nats::Subscriber, limit: Duration) -> Val
         Ok(Some(message)) => serde_json::from_slice(&message.payload).expect("frame JSON"),
         Ok(None) => panic!("the frame subscription ended"),
         Err(_) => panic!("no frame within {limit:?}"),
+    }
+}
+
+/// The frames on `frames` up to and including the first of `event_type`, each within 90 s.
+async fn frames_until(frames: &mut async_nats::Subscriber, event_type: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = next_frame(frames, Duration::from_secs(90)).await;
+        let found = frame["event_type"] == event_type;
+        seen.push(frame);
+        if found {
+            return seen;
+        }
     }
 }
 
@@ -476,8 +498,13 @@ fn a_daemon_timeout_stops_the_daemon_and_fails_clearly() {
 
 #[test]
 fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
-    let a = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
-    let b = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
+    // Both workspaces' builders hold until the test writes the release file: the runs stay
+    // mid-stage for as long as the test looks, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let held = json!({"builder": {"hold_until": release}});
+    let a = StandInWorkspace::new(held.clone());
+    let b = StandInWorkspace::new(held);
     let s = serve(&[("a", &a), ("b", &b)], &[]);
     rt().block_on(async {
         let one = s.nats.client().await;
@@ -501,32 +528,45 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
             "Fix src/three.py so tests/test_three.py passes",
             "task",
         );
-        let status_loop = async {
-            // Read-only requests never wait behind the running enqueues.
-            let mut answered = Vec::new();
-            for i in 0..5 {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                let req = request_json(
-                    &format!("req-a-status-{i}"),
-                    "status",
-                    json!({"workspace_id": "a"}),
-                    json!({}),
-                );
-                let (result, _) = send_and_follow(&one, subjects::request_by_id("a"), &req).await;
-                assert_eq!(result["status"], "succeeded");
-                answered.push(result["finished_at"].as_str().unwrap_or("").to_string());
-            }
-            answered
-        };
-        let ((r1, f1), (r2, f2), (rb, fb), statuses) = tokio::join!(
-            send_and_follow(&one, subjects::request_by_id("a"), &a1),
-            async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                send_and_follow(&two, subjects::request_by_id("a"), &a2).await
-            },
-            send_and_follow(&two, subjects::request_by_id("b"), &b1),
-            status_loop,
+        // Each request's frames and reply on one connection, so they arrive in order.
+        let mut a1_frames = frames_of(&one, "req-a1").await;
+        let mut a2_frames = frames_of(&two, "req-a2").await;
+        let mut b1_frames = frames_of(&two, "req-b1").await;
+        let a1_reply = spawn_request(&one, subjects::request_by_id("a"), &a1);
+        let b1_reply = spawn_request(&two, subjects::request_by_id("b"), &b1);
+        // a2 is sent once a1 holds workspace a's lane: a1's `request.queued` frame says so.
+        let mut f1 = frames_until(&mut a1_frames, "request.queued").await;
+        let a2_reply = spawn_request(&two, subjects::request_by_id("a"), &a2);
+        let mut f2 = frames_until(&mut a2_frames, "request.queued").await;
+        // a1 and b1 are both in a stage, held there: they run at the same time.
+        f1.extend(frames_until(&mut a1_frames, "runtime.stage_started").await);
+        let mut fb = frames_until(&mut b1_frames, "runtime.stage_started").await;
+        // Read-only requests never wait behind the running or the queued enqueue: a status
+        // that did would wait for the release, which comes only after it.
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            let req = request_json(
+                &format!("req-a-status-{i}"),
+                "status",
+                json!({"workspace_id": "a"}),
+                json!({}),
+            );
+            let (result, _) = tokio::time::timeout(
+                Duration::from_secs(60),
+                send_and_follow(&one, subjects::request_by_id("a"), &req),
+            )
+            .await
+            .expect("a status request was answered while a1 ran and a2 waited");
+            assert_eq!(result["status"], "succeeded", "{result:#}");
+            statuses.push(result["finished_at"].as_str().unwrap_or("").to_string());
+        }
+        std::fs::write(&release, "").expect("write the release file");
+        let ((r1, rest1), (r2, rest2), (rb, restb)) = tokio::join!(
+            follow(a1_reply, a1_frames, std::mem::take(&mut f1)),
+            follow(a2_reply, a2_frames, std::mem::take(&mut f2)),
+            follow(b1_reply, b1_frames, std::mem::take(&mut fb)),
         );
+        let (f1, f2, fb) = (rest1, rest2, restb);
         for r in [&r1, &r2, &rb] {
             assert_eq!(r["status"], "succeeded", "{r:#}");
         }
@@ -550,13 +590,10 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
             at(&f1, "request.started") < at(&fb, "request.finished"),
             "b runs while a1 runs"
         );
+        let a2_started = at(&f2, "request.started");
         assert!(
-            statuses
-                .iter()
-                .filter(|t| **t < at(&f2, "request.finished"))
-                .count()
-                >= 3,
-            "status answered during the run: {statuses:?}"
+            statuses.iter().all(|t| !t.is_empty() && *t < a2_started),
+            "status answered while a2 waited: {statuses:?}, a2 started {a2_started}"
         );
     });
 }

@@ -199,7 +199,12 @@ fn the_same_request_published_twice_runs_once_and_is_answered_from_the_store() {
             assert!(Instant::now() < deadline, "the garbage was never taken");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The worker tries to store the refusal before it terminates the message, and says
+        // when a stored record is in the way: wait for that, not for a moment.
+        worker.wait_log(
+            "invalid input reuses a stored request_id; its record is kept",
+            Duration::from_secs(20),
+        );
         let kept = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
         assert_eq!(kept["result"], first["result"], "{kept:#}");
         let frames = stored_frames(&js, "dup-1").await;

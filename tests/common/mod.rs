@@ -722,6 +722,20 @@ impl Worker {
         read_log(&self.log_path)
     }
 
+    /// Waits for a line containing `needle` in the worker's log, failing the test (with the
+    /// log) after `within`: an event to wait for where nothing else on the bus says it.
+    pub fn wait_log(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().lines().any(|line| line.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} in the worker's log within {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn log_block(&self) -> String {
         format!(
             "----- worker {} log ({}) -----\n{}\n----- end of worker log -----",
