@@ -621,7 +621,10 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
             json!({"workspace_id": "alpha"}),
             json!({}),
         );
-        // Wait until the delegated run is under way, then ask the worker to stop.
+        let mut status_frames = frames_of(&client, "req-term-status").await;
+        // Wait until the delegated run is under way, then ask the worker to stop, once it
+        // has accepted the status request too (its `request.accepted` frame): both are in
+        // flight when the signal comes.
         let mut status_reply = None;
         loop {
             let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
@@ -629,6 +632,11 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
                 status_reply = Some(send(status.clone()));
             }
             if frame["event_type"] == "runtime.stage_started" {
+                assert!(
+                    status_reply.is_some(),
+                    "daemon_started came before stage_started"
+                );
+                frames_until(&mut status_frames, "request.accepted").await;
                 s.worker.sigterm();
                 break;
             }
