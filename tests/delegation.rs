@@ -683,9 +683,30 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// A process a test reads while it runs. Dropped (also when the test fails), it releases
+/// the held stage and ends the process and everything it started.
+struct Running {
+    child: std::process::Child,
+    mark: String,
+    release: std::path::PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.release, "");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        common::end_marked(&self.mark);
+    }
+}
+
 #[test]
 fn a_workspace_lane_holds_across_processes_on_one_host() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    // The first run's builder holds until the test writes the release file, which it does
+    // once the second process says it waits: the two meet however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     let s = serve(&[("alpha", &ws)], &[]);
     let root = ws.path().display().to_string();
     rt().block_on(async {
@@ -699,15 +720,7 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
         );
         let mut frames = frames_of(&client, "req-host-1").await;
         let reply = spawn_request(&client, subjects::request_by_id("alpha"), &first);
-        let mut first_frames = Vec::new();
-        loop {
-            let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
-            let started = frame["event_type"] == "runtime.stage_started";
-            first_frames.push(frame);
-            if started {
-                break;
-            }
-        }
+        let first_frames = frames_until(&mut frames, "runtime.stage_started").await;
         // Another process (the in-process bridge) changes the same workspace meanwhile.
         let second = json!({
             "schema_version": "millracer.ops.v0.2", "request_id": "req-host-2",
@@ -715,39 +728,73 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
             "route_preference": "millrace", "intake_preference": "task",
             "input": {"text": "Fix src/two.py so tests/test_two.py passes"}
         });
-        let local = tokio::task::spawn_blocking(move || {
-            run_ops(
-                &[
-                    "ops",
-                    "--stream-json",
-                    "--transport",
-                    "local",
-                    "--workspace",
-                    &root,
-                ],
-                &second.to_string(),
-                &[],
-            )
+        let home = tempfile::tempdir().expect("HOME temp dir");
+        let mut command = common::millracer_command();
+        command
+            .args([
+                "ops",
+                "--stream-json",
+                "--transport",
+                "local",
+                "--workspace",
+                &root,
+            ])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mark = common::mark(&mut command);
+        let mut child = command.spawn().expect("spawn millracer ops");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let stdout = common::Lines::new(child.stdout.take().expect("piped stdout"));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
         });
-        let answer = reply.await.expect("task").expect("first answered");
-        let first_result: Value = serde_json::from_slice(&answer.payload).expect("json");
+        let mut running = Running {
+            child,
+            mark,
+            release: release.clone(),
+        };
+        std::io::Write::write_all(&mut stdin, second.to_string().as_bytes())
+            .expect("write the request");
+        drop(stdin);
+        // Its frames, then its result (the one line without an event type). The first run
+        // is released at the second's `request.waiting` frame.
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut lines: Vec<Value> = Vec::new();
+            let mut released = false;
+            loop {
+                let line = stdout.next_within(
+                    Duration::from_secs(90),
+                    if released {
+                        "the second process's frames and result"
+                    } else {
+                        "the second process's request.waiting frame"
+                    },
+                );
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("a JSON line ({e}): {line}"));
+                if value["event_type"] == "request.waiting" && !released {
+                    std::fs::write(&release, "").expect("write the release file");
+                    released = true;
+                }
+                let end = value.get("event_type").is_none();
+                lines.push(value);
+                if end {
+                    return lines;
+                }
+            }
+        })
+        .await
+        .expect("reader thread");
+        let exit = common::wait_child(&mut running.child, Duration::from_secs(30));
+        let stderr = stderr.join().unwrap_or_default();
+        assert_eq!(exit.and_then(|e| e.code()), Some(0), "{stderr}");
+        let (first_result, first_frames) = follow(reply, frames, first_frames).await;
         assert_eq!(first_result["status"], "succeeded", "{first_result:#}");
-        while let Ok(Some(frame)) =
-            tokio::time::timeout(Duration::from_secs(2), frames.next()).await
-        {
-            first_frames.push(serde_json::from_slice(&frame.payload).expect("frame"));
-        }
-        let out = local.await.expect("bridge thread");
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("line"))
-            .collect();
         let (second_result, second_frames) = lines.split_last().expect("lines");
         assert_eq!(second_result["status"], "succeeded", "{second_result:#}");
         let types = frame_types(second_frames);
