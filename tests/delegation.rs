@@ -600,7 +600,11 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
 
 #[test]
 fn sigterm_answers_requests_in_flight_then_exits_zero() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    // The builder holds until the worker has logged the signal: the run is in flight when
+    // the stop begins, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     // A stop bound above the run's length: the stop waits for it.
     let mut s = serve(&[("alpha", &ws)], &["--shutdown-timeout", "60"]);
     rt().block_on(async {
@@ -638,6 +642,9 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
                 );
                 frames_until(&mut status_frames, "request.accepted").await;
                 s.worker.sigterm();
+                s.worker
+                    .wait_log("SIGTERM received", Duration::from_secs(30));
+                std::fs::write(&release, "").expect("write the release file");
                 break;
             }
         }
