@@ -63,9 +63,18 @@ async fn send_and_follow(
     request: &Value,
 ) -> (Value, Vec<Value>) {
     let id = request["request_id"].as_str().expect("request_id");
-    let mut frames = frames_of(client, id).await;
-    let mut reply = spawn_request(client, subject, request);
-    let mut seen = Vec::new();
+    let frames = frames_of(client, id).await;
+    let reply = spawn_request(client, subject, request);
+    follow(reply, frames, Vec::new()).await
+}
+
+/// Follows a request already sent to its result: `seen` are its frames read so far (the
+/// subscription and the request on one connection); returns the result and every frame.
+async fn follow(
+    mut reply: tokio::task::JoinHandle<Result<async_nats::Message, async_nats::RequestError>>,
+    mut frames: async_nats::Subscriber,
+    mut seen: Vec<Value>,
+) -> (Value, Vec<Value>) {
     let answer = loop {
         tokio::select! {
             answer = &mut reply => break answer.expect("task").expect("an answer"),
@@ -147,6 +156,19 @@ async fn next_frame(frames: &mut async_nats::Subscriber, limit: Duration) -> Val
         Ok(Some(message)) => serde_json::from_slice(&message.payload).expect("frame JSON"),
         Ok(None) => panic!("the frame subscription ended"),
         Err(_) => panic!("no frame within {limit:?}"),
+    }
+}
+
+/// The frames on `frames` up to and including the first of `event_type`, each within 90 s.
+async fn frames_until(frames: &mut async_nats::Subscriber, event_type: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = next_frame(frames, Duration::from_secs(90)).await;
+        let found = frame["event_type"] == event_type;
+        seen.push(frame);
+        if found {
+            return seen;
+        }
     }
 }
 
@@ -476,8 +498,13 @@ fn a_daemon_timeout_stops_the_daemon_and_fails_clearly() {
 
 #[test]
 fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
-    let a = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
-    let b = StandInWorkspace::new(json!({"builder": {"delay_seconds": 2}}));
+    // Both workspaces' builders hold until the test writes the release file: the runs stay
+    // mid-stage for as long as the test looks, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let held = json!({"builder": {"hold_until": release}});
+    let a = StandInWorkspace::new(held.clone());
+    let b = StandInWorkspace::new(held);
     let s = serve(&[("a", &a), ("b", &b)], &[]);
     rt().block_on(async {
         let one = s.nats.client().await;
@@ -501,32 +528,45 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
             "Fix src/three.py so tests/test_three.py passes",
             "task",
         );
-        let status_loop = async {
-            // Read-only requests never wait behind the running enqueues.
-            let mut answered = Vec::new();
-            for i in 0..5 {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                let req = request_json(
-                    &format!("req-a-status-{i}"),
-                    "status",
-                    json!({"workspace_id": "a"}),
-                    json!({}),
-                );
-                let (result, _) = send_and_follow(&one, subjects::request_by_id("a"), &req).await;
-                assert_eq!(result["status"], "succeeded");
-                answered.push(result["finished_at"].as_str().unwrap_or("").to_string());
-            }
-            answered
-        };
-        let ((r1, f1), (r2, f2), (rb, fb), statuses) = tokio::join!(
-            send_and_follow(&one, subjects::request_by_id("a"), &a1),
-            async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                send_and_follow(&two, subjects::request_by_id("a"), &a2).await
-            },
-            send_and_follow(&two, subjects::request_by_id("b"), &b1),
-            status_loop,
+        // Each request's frames and reply on one connection, so they arrive in order.
+        let mut a1_frames = frames_of(&one, "req-a1").await;
+        let mut a2_frames = frames_of(&two, "req-a2").await;
+        let mut b1_frames = frames_of(&two, "req-b1").await;
+        let a1_reply = spawn_request(&one, subjects::request_by_id("a"), &a1);
+        let b1_reply = spawn_request(&two, subjects::request_by_id("b"), &b1);
+        // a2 is sent once a1 holds workspace a's lane: a1's `request.queued` frame says so.
+        let mut f1 = frames_until(&mut a1_frames, "request.queued").await;
+        let a2_reply = spawn_request(&two, subjects::request_by_id("a"), &a2);
+        let mut f2 = frames_until(&mut a2_frames, "request.queued").await;
+        // a1 and b1 are both in a stage, held there: they run at the same time.
+        f1.extend(frames_until(&mut a1_frames, "runtime.stage_started").await);
+        let mut fb = frames_until(&mut b1_frames, "runtime.stage_started").await;
+        // Read-only requests never wait behind the running or the queued enqueue: a status
+        // that did would wait for the release, which comes only after it.
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            let req = request_json(
+                &format!("req-a-status-{i}"),
+                "status",
+                json!({"workspace_id": "a"}),
+                json!({}),
+            );
+            let (result, _) = tokio::time::timeout(
+                Duration::from_secs(60),
+                send_and_follow(&one, subjects::request_by_id("a"), &req),
+            )
+            .await
+            .expect("a status request was answered while a1 ran and a2 waited");
+            assert_eq!(result["status"], "succeeded", "{result:#}");
+            statuses.push(result["finished_at"].as_str().unwrap_or("").to_string());
+        }
+        std::fs::write(&release, "").expect("write the release file");
+        let ((r1, rest1), (r2, rest2), (rb, restb)) = tokio::join!(
+            follow(a1_reply, a1_frames, std::mem::take(&mut f1)),
+            follow(a2_reply, a2_frames, std::mem::take(&mut f2)),
+            follow(b1_reply, b1_frames, std::mem::take(&mut fb)),
         );
+        let (f1, f2, fb) = (rest1, rest2, restb);
         for r in [&r1, &r2, &rb] {
             assert_eq!(r["status"], "succeeded", "{r:#}");
         }
@@ -550,20 +590,21 @@ fn enqueues_queue_per_workspace_while_status_flows_and_other_workspaces_run() {
             at(&f1, "request.started") < at(&fb, "request.finished"),
             "b runs while a1 runs"
         );
+        let a2_started = at(&f2, "request.started");
         assert!(
-            statuses
-                .iter()
-                .filter(|t| **t < at(&f2, "request.finished"))
-                .count()
-                >= 3,
-            "status answered during the run: {statuses:?}"
+            statuses.iter().all(|t| !t.is_empty() && *t < a2_started),
+            "status answered while a2 waited: {statuses:?}, a2 started {a2_started}"
         );
     });
 }
 
 #[test]
 fn sigterm_answers_requests_in_flight_then_exits_zero() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    // The builder holds until the worker has logged the signal: the run is in flight when
+    // the stop begins, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     // A stop bound above the run's length: the stop waits for it.
     let mut s = serve(&[("alpha", &ws)], &["--shutdown-timeout", "60"]);
     rt().block_on(async {
@@ -584,7 +625,10 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
             json!({"workspace_id": "alpha"}),
             json!({}),
         );
-        // Wait until the delegated run is under way, then ask the worker to stop.
+        let mut status_frames = frames_of(&client, "req-term-status").await;
+        // Wait until the delegated run is under way, then ask the worker to stop, once it
+        // has accepted the status request too (its `request.accepted` frame): both are in
+        // flight when the signal comes.
         let mut status_reply = None;
         loop {
             let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
@@ -592,7 +636,15 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
                 status_reply = Some(send(status.clone()));
             }
             if frame["event_type"] == "runtime.stage_started" {
+                assert!(
+                    status_reply.is_some(),
+                    "daemon_started came before stage_started"
+                );
+                frames_until(&mut status_frames, "request.accepted").await;
                 s.worker.sigterm();
+                s.worker
+                    .wait_log("SIGTERM received", Duration::from_secs(30));
+                std::fs::write(&release, "").expect("write the release file");
                 break;
             }
         }
@@ -638,9 +690,30 @@ fn sigterm_answers_requests_in_flight_then_exits_zero() {
     assert_eq!(out.status.code(), Some(3));
 }
 
+/// A process a test reads while it runs. Dropped (also when the test fails), it releases
+/// the held stage and ends the process and everything it started.
+struct Running {
+    child: std::process::Child,
+    mark: String,
+    release: std::path::PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.release, "");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        common::end_marked(&self.mark);
+    }
+}
+
 #[test]
 fn a_workspace_lane_holds_across_processes_on_one_host() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    // The first run's builder holds until the test writes the release file, which it does
+    // once the second process says it waits: the two meet however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     let s = serve(&[("alpha", &ws)], &[]);
     let root = ws.path().display().to_string();
     rt().block_on(async {
@@ -654,15 +727,7 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
         );
         let mut frames = frames_of(&client, "req-host-1").await;
         let reply = spawn_request(&client, subjects::request_by_id("alpha"), &first);
-        let mut first_frames = Vec::new();
-        loop {
-            let frame = next_frame(&mut frames, Duration::from_secs(90)).await;
-            let started = frame["event_type"] == "runtime.stage_started";
-            first_frames.push(frame);
-            if started {
-                break;
-            }
-        }
+        let first_frames = frames_until(&mut frames, "runtime.stage_started").await;
         // Another process (the in-process bridge) changes the same workspace meanwhile.
         let second = json!({
             "schema_version": "millracer.ops.v0.2", "request_id": "req-host-2",
@@ -670,39 +735,73 @@ fn a_workspace_lane_holds_across_processes_on_one_host() {
             "route_preference": "millrace", "intake_preference": "task",
             "input": {"text": "Fix src/two.py so tests/test_two.py passes"}
         });
-        let local = tokio::task::spawn_blocking(move || {
-            run_ops(
-                &[
-                    "ops",
-                    "--stream-json",
-                    "--transport",
-                    "local",
-                    "--workspace",
-                    &root,
-                ],
-                &second.to_string(),
-                &[],
-            )
+        let home = tempfile::tempdir().expect("HOME temp dir");
+        let mut command = common::millracer_command();
+        command
+            .args([
+                "ops",
+                "--stream-json",
+                "--transport",
+                "local",
+                "--workspace",
+                &root,
+            ])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mark = common::mark(&mut command);
+        let mut child = command.spawn().expect("spawn millracer ops");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let stdout = common::Lines::new(child.stdout.take().expect("piped stdout"));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
         });
-        let answer = reply.await.expect("task").expect("first answered");
-        let first_result: Value = serde_json::from_slice(&answer.payload).expect("json");
+        let mut running = Running {
+            child,
+            mark,
+            release: release.clone(),
+        };
+        std::io::Write::write_all(&mut stdin, second.to_string().as_bytes())
+            .expect("write the request");
+        drop(stdin);
+        // Its frames, then its result (the one line without an event type). The first run
+        // is released at the second's `request.waiting` frame.
+        let lines = tokio::task::spawn_blocking(move || {
+            let mut lines: Vec<Value> = Vec::new();
+            let mut released = false;
+            loop {
+                let line = stdout.next_within(
+                    Duration::from_secs(90),
+                    if released {
+                        "the second process's frames and result"
+                    } else {
+                        "the second process's request.waiting frame"
+                    },
+                );
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("a JSON line ({e}): {line}"));
+                if value["event_type"] == "request.waiting" && !released {
+                    std::fs::write(&release, "").expect("write the release file");
+                    released = true;
+                }
+                let end = value.get("event_type").is_none();
+                lines.push(value);
+                if end {
+                    return lines;
+                }
+            }
+        })
+        .await
+        .expect("reader thread");
+        let exit = common::wait_child(&mut running.child, Duration::from_secs(30));
+        let stderr = stderr.join().unwrap_or_default();
+        assert_eq!(exit.and_then(|e| e.code()), Some(0), "{stderr}");
+        let (first_result, first_frames) = follow(reply, frames, first_frames).await;
         assert_eq!(first_result["status"], "succeeded", "{first_result:#}");
-        while let Ok(Some(frame)) =
-            tokio::time::timeout(Duration::from_secs(2), frames.next()).await
-        {
-            first_frames.push(serde_json::from_slice(&frame.payload).expect("frame"));
-        }
-        let out = local.await.expect("bridge thread");
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("line"))
-            .collect();
         let (second_result, second_frames) = lines.split_last().expect("lines");
         assert_eq!(second_result["status"], "succeeded", "{second_result:#}");
         let types = frame_types(second_frames);

@@ -199,7 +199,12 @@ fn the_same_request_published_twice_runs_once_and_is_answered_from_the_store() {
             assert!(Instant::now() < deadline, "the garbage was never taken");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The worker tries to store the refusal before it terminates the message, and says
+        // when a stored record is in the way: wait for that, not for a moment.
+        worker.wait_log(
+            "invalid input reuses a stored request_id; its record is kept",
+            Duration::from_secs(20),
+        );
         let kept = wait_done(&kv, "dup-1", Duration::from_secs(5)).await;
         assert_eq!(kept["result"], first["result"], "{kept:#}");
         let frames = stored_frames(&js, "dup-1").await;
@@ -635,7 +640,11 @@ fn a_request_too_large_gets_a_clear_stored_error_and_is_not_retried() {
 
 #[test]
 fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 3}}));
+    // The builder holds until the worker has logged the signal: the run is in flight when
+    // the stop begins, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     let nats = NatsServer::start();
     // A stop bound above the request's length: the stop waits for it.
     let mut worker = Worker::spawn(
@@ -669,6 +678,8 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
         wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
     });
     worker.sigterm();
+    worker.wait_log("SIGTERM received", Duration::from_secs(30));
+    std::fs::write(&release, "").expect("write the release file");
     let exit = worker
         .wait_exit(Duration::from_secs(120))
         .expect("worker exits after finishing");
@@ -697,7 +708,11 @@ fn sigterm_finishes_the_running_request_stores_its_result_and_exits() {
 
 #[test]
 fn sigterm_leaves_unstarted_work_to_another_worker() {
-    let ws = StandInWorkspace::new(json!({"builder": {"delay_seconds": 4}}));
+    // The builder holds until the worker has logged the signal: the run is in flight when
+    // the stop begins, however slow the machine.
+    let release_dir = tempfile::tempdir().expect("temp dir");
+    let release = release_dir.path().join("release");
+    let ws = StandInWorkspace::new(json!({"builder": {"hold_until": release}}));
     let nats = NatsServer::start();
     // A stop bound long enough for term-a's stages: the test is about what SIGTERM hands
     // back, not about the bound.
@@ -733,6 +748,8 @@ fn sigterm_leaves_unstarted_work_to_another_worker() {
         wait_frame(&mut frames, "runtime.stage_started", Some("builder")).await;
     });
     first.sigterm();
+    first.wait_log("SIGTERM received", Duration::from_secs(30));
+    std::fs::write(&release, "").expect("write the release file");
     let exit = first
         .wait_exit(Duration::from_secs(120))
         .expect("the first worker exits after finishing term-a");

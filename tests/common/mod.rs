@@ -236,8 +236,22 @@ fn kill_marked(mark: &str) -> usize {
     found
 }
 
+/// Marks `cmd` like the commands [`run_ops`] starts, for a test that reads a process's
+/// output while it runs; pass the mark to [`end_marked`] when done, so nothing it started
+/// (runtime daemons, runners) outlives the test.
+pub fn mark(cmd: &mut Command) -> String {
+    let mark = new_owner_mark();
+    cmd.env(OWNER_VAR, &mark);
+    mark
+}
+
+/// Ends every process carrying `mark` (see [`mark`]); returns how many there were.
+pub fn end_marked(mark: &str) -> usize {
+    kill_marked(mark)
+}
+
 /// Polls `child` until it exits or `timeout` passes.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -720,6 +734,20 @@ impl Worker {
     /// Everything the worker wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         read_log(&self.log_path)
+    }
+
+    /// Waits for a line containing `needle` in the worker's log, failing the test (with the
+    /// log) after `within`: an event to wait for where nothing else on the bus says it.
+    pub fn wait_log(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().lines().any(|line| line.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} in the worker's log within {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn log_block(&self) -> String {

@@ -15,7 +15,8 @@ pub struct StandInWorkspace {
 }
 
 impl StandInWorkspace {
-    /// `stages` maps a stage name to `{"marker": "blocked"|"success"|…, "delay_seconds": n}`.
+    /// `stages` maps a stage name to `{"marker": "blocked"|"success"|…, "delay_seconds": n,
+    /// "hold_until": "/path/of/a/release/file"}` (see `tests/support/README.md`).
     pub fn new(stages: Value) -> Self {
         let workspace = Workspace::init();
         let support = tempfile::Builder::new()

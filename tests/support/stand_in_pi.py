@@ -23,7 +23,8 @@ prompt (a test may rewrite it mid-run):
         "checker": {"marker": "blocked", "delay_seconds": 3},
         "builder": {"marker": ["### BLOCKED", "success"]},  # n-th call -> n-th item
         "updater": {"reply": "not a marker"},                # raw assistant text
-        "fixer":   {"crash": true}                           # exit 1 mid-protocol
+        "fixer":   {"crash": true},                          # exit 1 mid-protocol
+        "manager": {"hold_until": "/abs/path/release"}       # wait for the file
       }
     }
 
@@ -32,8 +33,10 @@ prompt (a test may rewrite it mid-run):
 `### BLOCKED`), or an exact marker (`### CHECKER_PASS` or `CHECKER_PASS`). A
 list picks the item by call number for that stage (last item repeats; counting
 uses "log"). `delay_seconds` sleeps after the prompt is acknowledged and before
-the duties/answer; if the runtime dies meanwhile the stand-in exits without
-doing anything. When any other stage is faulted (blocked marker, reply, crash)
+the duties/answer; `hold_until` names a file: the stage waits (after any delay)
+until the file exists, so a test holds a run mid-stage and releases it when it
+has seen what it waits for, instead of guessing a delay long enough. If the
+runtime dies meanwhile the stand-in exits without doing anything. When any other stage is faulted (blocked marker, reply, crash)
 the unconfigured recovery stages troubleshooter, consultant and mechanic answer
 blocked too, so the run ends blocked instead of looping forever.
 
@@ -725,13 +728,19 @@ class Session:
         # log at the start of the call so a test can see a stage is running
         _append_log(log_path, record)
 
+        hold = settings.get("hold_until")
+        hold_path = Path(hold) if isinstance(hold, str) and hold else None
+
+        def held() -> bool:
+            return hold_path is not None and not hold_path.exists()
+
         deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or held():
             if _parent_gone():
                 _debug(f"runtime (ppid {_ORIGINAL_PPID}) went away during {stage}; exiting")
                 _append_log(log_path, {**record, "event": "abandoned", "time": _now_iso(), "unix_time": round(time.time(), 3)})
                 _exit_quietly(0)
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            time.sleep(0.05 if held() else min(0.05, max(0.0, deadline - time.monotonic())))
         if _parent_gone():
             _append_log(log_path, {**record, "event": "abandoned", "time": _now_iso(), "unix_time": round(time.time(), 3)})
             _exit_quietly(0)
