@@ -35,8 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::actions::binding::Bound;
 use crate::bus::subjects::{self, JobClass};
 use crate::bus::trace;
-use crate::contract::progress::Checkpoint;
-use crate::contract::vocab::EventType;
+use crate::contract::progress::{Checkpoint, Milestone, WorkItem};
 use crate::contract::{OpsEventFrame, OpsResult, parse_request, request::salvage_ids, time};
 use crate::engine::frames::{DurableReply, ReplyTo};
 use crate::engine::service::{Engine, SubmitHints};
@@ -837,66 +836,6 @@ impl Durable {
         }
     }
 
-    /// Records what a frame says a resuming worker needs: the queued work item and the
-    /// daemon's pid. Called by the publisher for every frame it sends.
-    pub fn observe_frame(self: &Arc<Self>, workspace: Option<&str>, frame: &OpsEventFrame) {
-        let key = subjects::result_key(workspace, &frame.request_id);
-        let text = |k: &str| {
-            frame
-                .payload
-                .get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let changed = {
-            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-            let Some((record, pending_path)) = records.get_mut(&key) else {
-                return;
-            };
-            match frame.kind() {
-                Some(EventType::RuntimeIntakeWritten) => {
-                    *pending_path = text("path");
-                    false
-                }
-                Some(EventType::RuntimeWorkItemQueued | EventType::RuntimeResumed) => {
-                    match (
-                        text("work_item_id"),
-                        text("path").or_else(|| pending_path.clone()),
-                        text("intake_kind"),
-                    ) {
-                        (Some(id), Some(path), Some(kind)) => {
-                            record.work_item = Some(WorkItemRef {
-                                id,
-                                path: path.into(),
-                                kind,
-                            });
-                            true
-                        }
-                        _ => false,
-                    }
-                }
-                Some(
-                    EventType::RuntimeDaemonStarted
-                    | EventType::RuntimeDaemonRestarted
-                    | EventType::RuntimeDaemonAdopted,
-                ) => {
-                    record.daemon_pid = frame
-                        .payload
-                        .get("pid")
-                        .and_then(Value::as_u64)
-                        .and_then(|p| u32::try_from(p).ok());
-                    true
-                }
-                _ => false,
-            }
-        };
-        if changed {
-            let this = self.clone();
-            self.tracker
-                .spawn(async move { this.write(&key, false).await });
-        }
-    }
-
     /// Stores the result, then acks (or terminates) the message.
     pub fn finish(
         self: &Arc<Self>,
@@ -1043,6 +982,35 @@ impl Durable {
     }
 }
 
+impl Durable {
+    /// Stores a step of a run a takeover needs (the queued work item, the daemon's pid):
+    /// tried briefly; if the bucket does not take it, the run goes on and the record keeps
+    /// it for the next write.
+    async fn record_step(
+        &self,
+        key: &str,
+        step: impl FnOnce(&mut JobRecord),
+    ) -> Result<(), String> {
+        {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((record, _)) = records.get_mut(key) else {
+                return Err(format!("no running record {key}"));
+            };
+            step(record);
+        }
+        if self.write_within(key, false, STEP_PATIENCE).await {
+            Ok(())
+        } else {
+            Err(format!(
+                "the results bucket did not take the step within {STEP_PATIENCE:?}"
+            ))
+        }
+    }
+}
+
+/// How long a run waits for a step of it to be stored before it goes on.
+const STEP_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long a delivered request waits for the results bucket before it is handed back.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -1069,29 +1037,29 @@ impl std::fmt::Debug for IntentCheckpoint {
 impl Checkpoint for IntentCheckpoint {
     fn record<'a>(
         &'a self,
-        event_type: EventType,
-        payload: &'a serde_json::Map<String, Value>,
+        milestone: &'a Milestone,
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        let as_ref = |item: &WorkItem| WorkItemRef {
+            id: item.id.clone(),
+            path: item.path.clone(),
+            kind: item.kind.clone(),
+        };
         Box::pin(async move {
-            if event_type != EventType::RuntimeIntakeWritten {
-                return Ok(());
+            match milestone {
+                Milestone::IntakeWritten(item) => {
+                    self.durable.record_intent(&self.key, as_ref(item)).await
+                }
+                Milestone::WorkItemQueued(item) => {
+                    self.durable
+                        .record_step(&self.key, |record| record.work_item = Some(as_ref(item)))
+                        .await
+                }
+                Milestone::DaemonRunning { pid } => {
+                    self.durable
+                        .record_step(&self.key, |record| record.daemon_pid = Some(*pid))
+                        .await
+                }
             }
-            let text = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_string);
-            let (Some(id), Some(path), Some(kind)) =
-                (text("work_item_id"), text("path"), text("intake_kind"))
-            else {
-                return Err("the intake frame names no document".to_string());
-            };
-            self.durable
-                .record_intent(
-                    &self.key,
-                    WorkItemRef {
-                        id,
-                        path: path.into(),
-                        kind,
-                    },
-                )
-                .await
         })
     }
 }

@@ -331,9 +331,6 @@ pub async fn publish_outbound(
                 {
                     tracing::warn!(%err, "cannot publish a frame");
                 }
-                if let Some(durable) = &durable {
-                    durable.observe_frame(workspace.as_deref(), &frame);
-                }
             }
             Outbound::Result {
                 to,

@@ -42,16 +42,35 @@ impl std::fmt::Debug for Tap {
     }
 }
 
-/// What a run must have stored durably before it goes on: called with the frame a step
-/// emitted (its event type and payload) and awaited. A delegated run records its intent
-/// this way (the intake document it is about to queue) before `queue add`, so a worker
-/// taking the request over after a crash in between finds the document in the runtime
-/// instead of queuing the work again. The durable intake provides one per request.
+/// A step of a delegated run that a worker taking the request over must know, so it
+/// continues the run instead of starting it again. Told to the durable intake through
+/// [`Checkpoint`], typed: nothing is read back out of frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Milestone {
+    /// The intake document is written and about to be queued: stored before `queue add`,
+    /// so a takeover after a crash in between looks for it in the runtime first.
+    IntakeWritten(WorkItem),
+    /// The runtime has the work item (queued now, or found queued on takeover).
+    WorkItemQueued(WorkItem),
+    /// A Millrace daemon runs this request's work (started, restarted or adopted).
+    DaemonRunning { pid: u32 },
+}
+
+/// A runtime work item as the intake wrote it: its id, its document, its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkItem {
+    pub id: String,
+    pub path: std::path::PathBuf,
+    /// `task`, `idea` or `probe`.
+    pub kind: String,
+}
+
+/// What a run must have stored durably before it goes on: called with each [`Milestone`]
+/// and awaited. The durable intake provides one per request; in process there is none.
 pub trait Checkpoint: Send + Sync + std::fmt::Debug {
     fn record<'a>(
         &'a self,
-        event_type: EventType,
-        payload: &'a Map<String, Value>,
+        milestone: &'a Milestone,
     ) -> futures::future::BoxFuture<'a, Result<(), String>>;
 }
 
@@ -124,18 +143,14 @@ impl Progress {
 
     /// Stores a step durably before the run goes on (see [`Checkpoint`]); without a
     /// durable store (in process, core request/reply) there is nothing to do.
-    pub async fn checkpoint(
-        &self,
-        event_type: EventType,
-        payload: &Map<String, Value>,
-    ) -> Result<(), String> {
+    pub async fn checkpoint(&self, milestone: Milestone) -> Result<(), String> {
         let checkpoint = self
             .checkpoint
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         match checkpoint {
-            Some(checkpoint) => checkpoint.record(event_type, payload).await,
+            Some(checkpoint) => checkpoint.record(&milestone).await,
             None => Ok(()),
         }
     }

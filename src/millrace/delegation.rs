@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::contract::ScopedWorkItem;
-use crate::contract::progress::Progress;
+use crate::contract::progress::{Milestone, Progress, WorkItem};
 use crate::contract::vocab::{ErrorCode, EventType, Outcome, Severity};
 use crate::millrace::command::{Millrace, RuntimeError};
 use crate::millrace::daemon::Daemon;
@@ -245,6 +245,7 @@ async fn resume_or_reuse(
         resumed = Some(doc);
     }
     if let Some(doc) = &resumed {
+        milestone(progress, Milestone::WorkItemQueued(work_item(doc))).await;
         progress.info(
             EventType::RuntimeResumed,
             format!(
@@ -362,16 +363,15 @@ async fn write_and_queue(
         None => {
             let doc = intake::write(ws, plan.kind, plan.task, plan.scoped, chrono::Utc::now())
                 .map_err(|e| DelegationError::Intake(e.to_string()))?;
-            let written = payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()};
             progress.info(
                 EventType::RuntimeIntakeWritten,
                 format!("Intake document written: {}.", doc.path.display()),
-                written.clone(),
+                payload! {"path" => doc.path.display().to_string(), "work_item_id" => doc.id, "intake_kind" => doc.kind.as_str()},
             );
             // The intent is stored before `queue add`: a worker taking over after a crash
             // right after queuing finds this id in the runtime rather than queuing again.
             if let Err(err) = progress
-                .checkpoint(EventType::RuntimeIntakeWritten, &written)
+                .checkpoint(Milestone::IntakeWritten(work_item(&doc)))
                 .await
             {
                 tracing::warn!(%err, work_item_id = %doc.id, "cannot record the intent to queue; queuing anyway");
@@ -394,6 +394,7 @@ async fn write_and_queue(
                 plan.cwd,
             )
             .await?;
+        milestone(progress, Milestone::WorkItemQueued(work_item(&document))).await;
         progress.info(
             EventType::RuntimeWorkItemQueued,
             format!("Queued into Millrace as {} {}.", document.kind.as_str(), document.id),
@@ -446,6 +447,9 @@ impl Follow {
             .and_then(|pid| Daemon::adopt(pid, log_path.clone()));
         let daemon = match adopted {
             Some(daemon) => {
+                if let Some(pid) = daemon.pid() {
+                    milestone(progress, Milestone::DaemonRunning { pid }).await;
+                }
                 progress.info(
                     EventType::RuntimeDaemonAdopted,
                     "The Millrace daemon the previous worker started still runs; following it.",
@@ -857,12 +861,33 @@ async fn start_daemon(
             format!("Millrace daemon restarted ({restarts})."),
         )
     };
+    if let Some(pid) = daemon.pid() {
+        milestone(progress, Milestone::DaemonRunning { pid }).await;
+    }
     progress.info(
         event,
         message,
         payload! {"pid" => daemon.pid(), "mode" => plan.mode, "restarts" => restarts, "log" => log_path.display().to_string()},
     );
     Ok(daemon)
+}
+
+/// A runtime work item as the durable intake records it.
+fn work_item(doc: &IntakeDocument) -> WorkItem {
+    WorkItem {
+        id: doc.id.clone(),
+        path: doc.path.clone(),
+        kind: doc.kind.as_str().to_string(),
+    }
+}
+
+/// Tells the durable intake (if any) a step it needs for a takeover; a failure to store
+/// it costs only a takeover's precision (the runtime's records still decide), so the run
+/// goes on.
+async fn milestone(progress: &Progress, milestone: Milestone) {
+    if let Err(err) = progress.checkpoint(milestone.clone()).await {
+        tracing::warn!(%err, ?milestone, "cannot record a step of the run for a takeover");
+    }
 }
 
 /// `control clear-stale-state` when the runtime reports a stale ownership lock, or a run
