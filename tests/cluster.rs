@@ -46,6 +46,7 @@ async fn wait_done(
             && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
             && record["state"] == "done"
         {
+            common::schemas::assert_valid("result", &record["result"]);
             return record;
         }
         assert!(
@@ -74,7 +75,11 @@ async fn stored_frames(js: &jetstream::Context, filter: &str) -> Vec<Value> {
     let mut out = Vec::new();
     while out.len() as u64 <= total {
         match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => out.push(serde_json::from_slice(&m.payload).expect("frame JSON")),
+            Ok(Some(Ok(m))) => {
+                let frame: Value = serde_json::from_slice(&m.payload).expect("frame JSON");
+                common::schemas::assert_valid("frame", &frame);
+                out.push(frame);
+            }
             _ => break,
         }
     }

@@ -67,6 +67,7 @@ async fn wait_done_in(
             && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
             && record["state"] == "done"
         {
+            common::schemas::assert_valid("result", &record["result"]);
             return record;
         }
         assert!(
@@ -99,7 +100,11 @@ async fn all_stored_frames(js: &jetstream::Context, filter: &str) -> Vec<Value> 
     let mut out = Vec::new();
     while out.len() as u64 <= total {
         match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => out.push(serde_json::from_slice(&m.payload).expect("frame JSON")),
+            Ok(Some(Ok(m))) => {
+                let frame: Value = serde_json::from_slice(&m.payload).expect("frame JSON");
+                common::schemas::assert_valid("frame", &frame);
+                out.push(frame);
+            }
             _ => break,
         }
     }

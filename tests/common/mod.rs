@@ -796,7 +796,34 @@ pub fn run_ops_with_timeout(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Output {
-    run_command(millracer_command(), args, stdin.as_bytes(), env, timeout)
+    let output = run_command(millracer_command(), args, stdin.as_bytes(), env, timeout);
+    assert_messages_valid(&output.stdout);
+    output
+}
+
+/// Every contract message a command printed (the OpsResult of `--json`, the frame and
+/// result lines of `--stream-json`) is valid against its schema: checked for every command
+/// a test runs, so no test sees a message the contract would reject.
+fn assert_messages_valid(stdout: &[u8]) {
+    let text = String::from_utf8_lossy(stdout);
+    let check = |value: &serde_json::Value| {
+        if value.get("schema_version").and_then(|v| v.as_str()) != Some("millracer.ops.v0.2") {
+            return;
+        }
+        let name = if value.get("event_type").is_some() {
+            "frame"
+        } else {
+            "result"
+        };
+        schemas::assert_valid(name, value);
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(value) => check(&value),
+        Err(_) => text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .for_each(|value| check(&value)),
+    }
 }
 
 /// Runs `cmd` (a program with the test environment, e.g. from [`millracer_command`]) like
