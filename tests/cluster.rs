@@ -440,6 +440,12 @@ fn two_hosts_serve_their_own_workspaces_through_one_cluster() {
                     submit,
                     "--nats-url",
                     &cluster.url(1),
+                    // The worker registered on another server a moment ago: the registry's
+                    // copy here may not have it yet, and waiting for it is what an adapter
+                    // does for a worker just started.
+                    "--wait-for-worker",
+                    "--timeout",
+                    "50",
                 ],
                 &request.to_string(),
                 &[],

@@ -246,9 +246,17 @@ fn messages_that_break_the_contract_are_refused() {
                 v["event_type"] = json!("Request.Started");
             },
         ),
-        ("frame", "frame.accepted.json", "accepted not first", |v| {
-            v["sequence"] = json!(2);
-        }),
+        (
+            "frame",
+            "frame.accepted.json",
+            "accepted without its action",
+            |v| {
+                v["payload"]
+                    .as_object_mut()
+                    .expect("payload")
+                    .remove("action");
+            },
+        ),
         (
             "frame",
             "frame.queued.json",
