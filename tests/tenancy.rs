@@ -11,101 +11,17 @@ mod common;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use common::acl::{
+    ADAPTER, MISSION_CONTROL, Role, WORKER, connect, publish_denied, subscribe_denied,
+};
 use common::{NatsServer, Worker, Workspace, repo_root, request_json, rt, run_ops_with_timeout};
 use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-/// User, password and reply inbox prefix of each role in `deploy/nats-server.conf`.
-type Role = (&'static str, &'static str, &'static str);
-const WORKER: Role = ("worker", "worker-change-me", "_INBOX_worker");
-const SHOP: Role = ("adapter-shop", "adapter-change-me", "_INBOX_adapter_shop");
-const MISSION_CONTROL: Role = (
-    "mission-control",
-    "mission-control-change-me",
-    "_INBOX_mission_control",
-);
-
-/// A client of `role` and the server errors it is told about (permission violations).
-async fn connect(
-    nats: &NatsServer,
-    (user, password, inbox): Role,
-) -> (async_nats::Client, Violations) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let client = nats
-        .client_with(
-            async_nats::ConnectOptions::with_user_and_password(
-                user.to_string(),
-                password.to_string(),
-            )
-            .custom_inbox_prefix(inbox)
-            .event_callback(move |event| {
-                let tx = tx.clone();
-                async move {
-                    if let async_nats::Event::ServerError(err) = event {
-                        let _ = tx.send(err.to_string());
-                    }
-                }
-            }),
-        )
-        .await;
-    (
-        client,
-        Violations {
-            rx,
-            seen: Vec::new(),
-        },
-    )
-}
-
-/// The server errors one client received.
-struct Violations {
-    rx: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Violations {
-    /// Waits (≤ 10 s) for the server's permission error on `subject` for `what`
-    /// (`Publish` or `Subscription`); fails the test with what was seen instead.
-    async fn expect(&mut self, what: &str, subject: &str) {
-        let wanted = |m: &String| {
-            m.to_ascii_lowercase().contains("permissions violation")
-                && m.contains(what)
-                && m.contains(&format!("\"{subject}\""))
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(i) = self.seen.iter().position(wanted) {
-                self.seen.remove(i);
-                return;
-            }
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(message)) => self.seen.push(message),
-                _ => panic!(
-                    "no permission error for {what} to {subject:?}; server errors seen: {:?}",
-                    self.seen
-                ),
-            }
-        }
-    }
-}
-
-async fn publish_denied(client: &async_nats::Client, v: &mut Violations, subject: &str) {
-    client
-        .publish(subject.to_string(), "{}".into())
-        .await
-        .expect("the publish call itself returns");
-    client.flush().await.expect("flush");
-    v.expect("Publish", subject).await;
-}
-
-async fn subscribe_denied(client: &async_nats::Client, v: &mut Violations, subject: &str) {
-    // The client may or may not hand back a subscriber: the server's answer is what counts.
-    let _ = client.subscribe(subject.to_string()).await;
-    client.flush().await.expect("flush");
-    v.expect("Subscription", subject).await;
-}
+// The roles of `deploy/nats-server.conf` and their permission-error probes are shared with
+// `tests/access.rs` (`tests/common/acl.rs`).
+const SHOP: Role = ADAPTER;
 
 /// A core request as the adapter; the OpsResult it gets back.
 async fn core(client: &async_nats::Client, subject: String, request: &Value) -> Value {
@@ -501,10 +417,10 @@ fn the_shop_adapter_cannot_reach_another_workspace() {
             !worker.home().join(".millracer/sessions.json").exists(),
             "select_workspace for another workspace wrote the session store"
         );
+        let unclaimed = v.unclaimed();
         assert!(
-            v.seen.is_empty() && v.rx.try_recv().is_err(),
-            "unexpected server errors: {:?}",
-            v.seen
+            unclaimed.is_empty(),
+            "unexpected server errors: {unclaimed:?}"
         );
     });
 

@@ -82,6 +82,18 @@ impl Violations {
     }
 }
 
+impl Violations {
+    /// Every server error this client got that no [`Violations::expect`] claimed (those
+    /// still queued included): empty when nothing unexpected was refused.
+    #[allow(dead_code)]
+    pub fn unclaimed(&mut self) -> Vec<String> {
+        while let Ok(message) = self.rx.try_recv() {
+            self.seen.push(message);
+        }
+        self.seen.clone()
+    }
+}
+
 /// Publishes to `subject` and waits for the server's refusal.
 pub async fn publish_denied(client: &async_nats::Client, v: &mut Violations, subject: &str) {
     client
