@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::stand_in::StandInWorkspace;
-use common::{Worker, Workspace, request_json, rt, run_ops_with_timeout};
+use common::{Worker, Workspace, request_json, rt, run_ops_with_timeout, stored_frames, wait_done};
 use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
@@ -29,61 +29,6 @@ fn enqueue(id: &str, ws: &str, text: &str) -> Value {
     r["route_preference"] = json!("millrace");
     r["intake_preference"] = json!("task");
     r
-}
-
-/// The stored record of a request once it is done (fails after `limit`).
-async fn wait_done(
-    kv: &jetstream::kv::Store,
-    workspace: &str,
-    request_id: &str,
-    limit: Duration,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(bytes)) = kv
-            .get(subjects::result_key(Some(workspace), request_id))
-            .await
-            && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
-            && record["state"] == "done"
-        {
-            common::schemas::assert_valid("result", &record["result"]);
-            return record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no result for {request_id} within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Every stored frame under `filter`, in stream order.
-async fn stored_frames(js: &jetstream::Context, filter: &str) -> Vec<Value> {
-    let mut stream = js
-        .get_stream(subjects::FRAMES_STREAM)
-        .await
-        .expect("frames stream");
-    let total = stream.info().await.expect("stream info").state.messages;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut out = Vec::new();
-    while out.len() as u64 <= total {
-        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => {
-                let frame: Value = serde_json::from_slice(&m.payload).expect("frame JSON");
-                common::schemas::assert_valid("frame", &frame);
-                out.push(frame);
-            }
-            _ => break,
-        }
-    }
-    out
 }
 
 fn count(frames: &[Value], event_type: &str) -> usize {

@@ -49,66 +49,12 @@ async fn publish_job(
 
 /// The stored record of a request of workspace `alpha` once it is done (fails after `limit`).
 async fn wait_done(kv: &jetstream::kv::Store, request_id: &str, limit: Duration) -> Value {
-    wait_done_in(kv, "alpha", request_id, limit).await
-}
-
-/// The stored record of a request of `workspace` once it is done (fails after `limit`).
-async fn wait_done_in(
-    kv: &jetstream::kv::Store,
-    workspace: &str,
-    request_id: &str,
-    limit: Duration,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(bytes)) = kv
-            .get(subjects::result_key(Some(workspace), request_id))
-            .await
-            && let Ok(record) = serde_json::from_slice::<Value>(&bytes)
-            && record["state"] == "done"
-        {
-            common::schemas::assert_valid("result", &record["result"]);
-            return record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no result for {request_id} within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_done(kv, "alpha", request_id, limit).await
 }
 
 /// Every stored frame of a request, in stream order.
 async fn stored_frames(js: &jetstream::Context, request_id: &str) -> Vec<Value> {
-    all_stored_frames(js, &subjects::frames_of_request(request_id)).await
-}
-
-async fn all_stored_frames(js: &jetstream::Context, filter: &str) -> Vec<Value> {
-    let mut stream = js
-        .get_stream(subjects::FRAMES_STREAM)
-        .await
-        .expect("frames stream");
-    let total = stream.info().await.expect("stream info").state.messages;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut out = Vec::new();
-    while out.len() as u64 <= total {
-        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => {
-                let frame: Value = serde_json::from_slice(&m.payload).expect("frame JSON");
-                common::schemas::assert_valid("frame", &frame);
-                out.push(frame);
-            }
-            _ => break,
-        }
-    }
-    out
+    common::stored_frames(js, &subjects::frames_of_request(request_id)).await
 }
 
 fn count(frames: &[Value], event_type: &str) -> usize {
@@ -510,7 +456,7 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
             .expect("bucket");
         let mut spans: HashMap<usize, Vec<(String, String)>> = HashMap::new();
         for i in 0..1000 {
-            let record = wait_done_in(
+            let record = common::wait_done(
                 &kv,
                 &names[i % 10],
                 &format!("bulk-{i:04}"),
@@ -542,7 +488,7 @@ fn a_thousand_requests_over_ten_workspaces_with_two_workers_each_answered_once_i
                 );
             }
         }
-        let frames = all_stored_frames(&js, &subjects::frames_of_workspace(None)).await;
+        let frames = common::stored_frames(&js, &subjects::frames_of_workspace(None)).await;
         let mut started_count: HashMap<String, usize> = HashMap::new();
         for frame in frames
             .iter()

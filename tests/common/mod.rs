@@ -1010,3 +1010,74 @@ impl Lines {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The durable side as tests read it
+// ---------------------------------------------------------------------------------------------
+
+/// The stored record of a request once it is done (fails after `limit`).
+pub async fn wait_done(
+    kv: &async_nats::jetstream::kv::Store,
+    workspace: &str,
+    request_id: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(bytes)) = kv
+            .get(millracer::bus::subjects::result_key(
+                Some(workspace),
+                request_id,
+            ))
+            .await
+            && let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && record["state"] == "done"
+        {
+            schemas::assert_valid("result", &record["result"]);
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no result for {request_id} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every stored frame under `filter`, in stream order.
+pub async fn stored_frames(
+    js: &async_nats::jetstream::Context,
+    filter: &str,
+) -> Vec<serde_json::Value> {
+    let mut stream = js
+        .get_stream(millracer::bus::subjects::FRAMES_STREAM)
+        .await
+        .expect("frames stream");
+    let total = stream.info().await.expect("stream info").state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while out.len() as u64 <= total {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            futures::StreamExt::next(&mut messages),
+        )
+        .await
+        {
+            Ok(Some(Ok(m))) => {
+                let frame: serde_json::Value =
+                    serde_json::from_slice(&m.payload).expect("frame JSON");
+                schemas::assert_valid("frame", &frame);
+                out.push(frame);
+            }
+            _ => break,
+        }
+    }
+    out
+}
