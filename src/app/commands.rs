@@ -86,56 +86,63 @@ pub struct CancelArgs {
     pub target: Target,
 }
 
+/// The exit codes every subcommand shares, for its `--help`.
+macro_rules! exit_codes {
+    () => {
+        "\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+    };
+}
+
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
     /// The runtime's status, summarised.
     #[command(
-        after_help = "Examples:\n  millracer status --workspace-id shop --nats-url nats://127.0.0.1:4222\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer status --workspace-id shop --nats-url nats://127.0.0.1:4222", exit_codes!())
     )]
     Status(Target),
     /// The workspace's health state and the evidence behind it.
     #[command(
-        after_help = "Examples:\n  millracer health --workspace-id shop --json\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer health --workspace-id shop --json", exit_codes!())
     )]
     Health(Target),
     /// The runtime's own checks (`millrace doctor`).
     #[command(
-        after_help = "Examples:\n  millracer diagnose --workspace /srv/shop\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer diagnose --workspace /srv/shop", exit_codes!())
     )]
     Diagnose(Target),
     /// The queue (`queue`, `queue ls`) or one work item (`queue show ID`).
     #[command(
-        after_help = "Examples:\n  millracer queue --workspace-id shop\n  millracer queue show task-20261205-fix-login --workspace-id shop\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer queue --workspace-id shop\n  millracer queue show task-20261205-fix-login --workspace-id shop", exit_codes!())
     )]
     Queue(Words),
     /// The runs (`runs`, `runs ls`) or one run (`runs show ID`).
     #[command(
-        after_help = "Examples:\n  millracer runs --workspace-id shop\n  millracer runs show run-0fe20fce --workspace-id shop --json\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer runs --workspace-id shop\n  millracer runs show run-0fe20fce --workspace-id shop --json", exit_codes!())
     )]
     Runs(Words),
     /// Pause the runtime (in the workspace's lane).
     #[command(
-        after_help = "Examples:\n  millracer pause --workspace-id shop --reason \"deploy window\"\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer pause --workspace-id shop --reason \"deploy window\"", exit_codes!())
     )]
     Pause(Reasoned),
     /// Resume the runtime (in the workspace's lane).
     #[command(
-        after_help = "Examples:\n  millracer resume --workspace-id shop --reason \"deploy done\"\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer resume --workspace-id shop --reason \"deploy done\"", exit_codes!())
     )]
     Resume(Reasoned),
     /// Stop a request by its request_id.
     #[command(
-        after_help = "Examples:\n  millracer cancel req-enqueue-001 --workspace-id shop\n\nExit codes: 0 done, 1 failed (also: finished or unknown request), 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer cancel req-enqueue-001 --workspace-id shop", "\n\nA finished or unknown request is a failed result (exit 1).", exit_codes!())
     )]
     Cancel(CancelArgs),
     /// The workspaces served (`workspaces`, `list`) or select one (`select ID`).
     #[command(
-        after_help = "Examples:\n  millracer workspaces --transport nats\n  millracer workspaces select shop --session-id local\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer workspaces --transport nats\n  millracer workspaces select shop --session-id local", exit_codes!())
     )]
     Workspaces(Words),
     /// Operator sessions (`sessions`, `list`) or one (`inspect ID`).
     #[command(
-        after_help = "Examples:\n  millracer sessions\n  millracer sessions inspect local\n\nExit codes: 0 done, 1 failed, 2 usage, 3 no worker/bus (--transport nats), 4 timeout."
+        after_help = concat!("Examples:\n  millracer sessions\n  millracer sessions inspect local", exit_codes!())
     )]
     Sessions(Words),
 }
