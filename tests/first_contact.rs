@@ -309,6 +309,28 @@ fn no_broker_is_said_at_once_and_a_late_broker_is_served() {
 }
 
 #[test]
+fn a_worker_still_waiting_for_its_broker_stops_cleanly_on_sigterm() {
+    let ws = Workspace::init();
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let worker = Worker::spawn(&url, ws.path(), &[]);
+    worker.wait_line(&["connection refused; retrying"], LINE_WITHIN);
+    let mut worker = worker;
+    worker.sigterm();
+    // Not the signal's default action (killed by SIGTERM, no exit code): a stop it says.
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+    let log = worker.log();
+    assert!(
+        log.contains("SIGTERM received before the worker was ready; worker stopped"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_broker_without_jetstream_is_refused_unless_core_only() {
     let ws = Workspace::init();
     let broker = Broker::start(&nats_server_bin(), free_port(), false);

@@ -75,19 +75,36 @@ pub const EXIT_COLLISION: u8 = 2;
 /// The worker's life, as the steps a reader can name: read its configuration, connect to
 /// a broker it can use, start the durable side (registry claim, consumers), start the
 /// engine and serve the core endpoints, say it is ready, and on a signal stop within the
-/// bound.
+/// bound. A signal during start-up (a broker that never answers, JetStream still electing
+/// its leader) stops the worker at once: it has taken no request yet.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let Configuration {
         mut setup,
         service,
         options,
     } = load_configuration(args)?;
-    let (client, info) = connect_and_check_broker(&setup).await?;
-    let mut durability = start_durable_side(&mut setup, &client, &info).await?;
-    let mut running = start_engine(service, options, &setup, &client, &mut durability);
-    serve_core_endpoints(&client, &setup.micro, &mut running).await?;
-    ready(&mut setup, &info, durability.durable.is_some())?;
-    wait_for_signal().await?;
+    let mut signals = Signals::listen()?;
+    let startup = async {
+        let (client, info) = connect_and_check_broker(&setup).await?;
+        let mut durability = start_durable_side(&mut setup, &client, &info).await?;
+        let mut running = start_engine(service, options, &setup, &client, &mut durability);
+        serve_core_endpoints(&client, &setup.micro, &mut running).await?;
+        ready(&mut setup, &info, durability.durable.is_some())?;
+        Ok::<_, anyhow::Error>((client, durability, running))
+    };
+    let started = tokio::select! {
+        started = startup => Some(started?),
+        signal = signals.recv() => {
+            tracing::info!("{signal} received before the worker was ready; worker stopped (no request was taken)");
+            None
+        }
+    };
+    let Some((client, durability, running)) = started else {
+        setup.ready_file.remove();
+        return Ok(());
+    };
+    let signal = signals.recv().await;
+    tracing::info!("{signal} received");
     stop_within_bound(setup, client, durability, running).await
 }
 
@@ -899,15 +916,29 @@ impl Drop for ReadyFile {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened for from the start so that neither kills the worker
+/// without its stop (the default action would end it mid-write).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
     }
-    Ok(())
+
+    /// The next of the two, by name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 fn endpoint(name: &str, subject: String, workspace: Option<&str>) -> EndpointInfo {

@@ -329,8 +329,10 @@ async fn consumer(
     js: &jetstream::Context,
     binding: &Binding,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, DurableError> {
-    let stream = js
-        .get_stream(subjects::JOBS_STREAM)
+    let stream = (|| js.get_stream(subjects::JOBS_STREAM))
+        .retry(crate::bus::retry::patiently(Some(BIND_PATIENCE)))
+        .when(|e| crate::bus::failover::is_failover(e))
+        .notify(|err, _| warn_bind_retry(&binding.name, err))
         .await
         .map_err(|e| setup(subjects::JOBS_STREAM)(e.to_string()))?;
     let config = pull::Config {
@@ -342,20 +344,23 @@ async fn consumer(
         max_ack_pending: binding.max_ack_pending,
         ..Default::default()
     };
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(&binding.name, config)
-        .await
-        .map_err(|e| {
-            if crate::bus::failover::is_consumer_overlap(&e) {
-                DurableError::ConsumerOverlap {
-                    name: binding.name.clone(),
-                    filters: binding.filters.clone(),
-                    stream: subjects::JOBS_STREAM.to_string(),
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> =
+        (|| stream.get_or_create_consumer(&binding.name, config.clone()))
+            .retry(crate::bus::retry::patiently(Some(BIND_PATIENCE)))
+            .when(|e| crate::bus::failover::is_failover(e))
+            .notify(|err, _| warn_bind_retry(&binding.name, err))
+            .await
+            .map_err(|e| {
+                if crate::bus::failover::is_consumer_overlap(&e) {
+                    DurableError::ConsumerOverlap {
+                        name: binding.name.clone(),
+                        filters: binding.filters.clone(),
+                        stream: subjects::JOBS_STREAM.to_string(),
+                    }
+                } else {
+                    setup(format!("consumer {}", binding.name))(e.to_string())
                 }
-            } else {
-                setup(format!("consumer {}", binding.name))(e.to_string())
-            }
-        })?;
+            })?;
     let info = consumer
         .info()
         .await
@@ -375,6 +380,16 @@ async fn consumer(
         });
     }
     Ok(consumer)
+}
+
+/// How long binding a consumer waits out a cluster that times out or has no leader yet
+/// (a cluster just started, a server restarting) before the worker gives up.
+const BIND_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Says at WARN that binding a consumer waits on the cluster, so a worker that takes long
+/// to start says why.
+fn warn_bind_retry(name: &str, err: &dyn std::error::Error) {
+    tracing::warn!(consumer = %name, %err, "JetStream did not answer the consumer's set-up; retrying for up to {} s", BIND_PATIENCE.as_secs());
 }
 
 /// Where a durable request's result goes: the stored record, then the ack.

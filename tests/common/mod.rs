@@ -52,7 +52,7 @@ pub const RUN_OPS_TIMEOUT: Duration = Duration::from_secs(240);
 const NATS_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`Worker::wait_ready`] waits for the first answer.
-const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(15);
+const WORKER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // Where the binaries are
@@ -542,6 +542,10 @@ pub struct Worker {
     dir: TempDir,
     home: PathBuf,
     log_path: PathBuf,
+    /// The `--ready-file` this worker was started with (none when the test passed its own):
+    /// [`Worker::wait_ready`] waits for it, so it knows that this worker, not another one
+    /// on the same subjects, is ready.
+    ready_path: Option<PathBuf>,
 }
 
 impl Worker {
@@ -577,9 +581,13 @@ impl Worker {
         let log_path = dir.path().join("worker.log");
         let (stdout, stderr) = log_sink(&log_path);
         let mark = new_owner_mark();
+        let ready_path = (!extra.contains(&"--ready-file")).then(|| dir.path().join("ready"));
 
         let mut cmd = millracer_command();
         cmd.arg("worker").arg("--nats-url").arg(nats_url);
+        if let Some(ready) = &ready_path {
+            cmd.arg("--ready-file").arg(ready);
+        }
         for (id, path) in workspaces {
             cmd.arg("--workspace")
                 .arg(format!("{id}={}", path.display()));
@@ -602,14 +610,30 @@ impl Worker {
             dir,
             home,
             log_path,
+            ready_path,
         }
     }
 
-    /// Waits (≤ 15 s) until the worker answers a core-NATS `list_workspaces` request on
+    /// Waits (≤ 30 s) until the worker has written its ready file and answers a core-NATS `list_workspaces` request on
     /// [`REQUEST_ANY_SUBJECT`]; returns that answer (an OpsResult). Fails the test, printing
     /// the worker's log, if the worker exits or does not answer in time.
     pub async fn wait_ready(&self, client: &async_nats::Client) -> serde_json::Value {
         let deadline = Instant::now() + WORKER_READY_TIMEOUT;
+        // This worker's own word first: with several workers on one subject, any of them
+        // may answer the request below.
+        if let Some(ready) = &self.ready_path {
+            while !ready.exists() {
+                if let Some(status) = self.try_wait() {
+                    panic!("worker exited with {status} before it was ready (its log follows)");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the worker wrote no ready file within {} s (its log follows)",
+                    WORKER_READY_TIMEOUT.as_secs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let mut last_error = String::from("no attempt made");
         loop {
             if let Some(status) = self.try_wait() {
