@@ -391,6 +391,111 @@ fn read_actions_and_health_on_empty_queued_and_blocked_workspaces() {
     });
 }
 
+/// How many times the worker ran `millrace <words…>`, from the log its `millrace` keeps.
+fn calls(log: &Path, words: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.starts_with(words))
+        .count()
+}
+
+#[test]
+fn queue_and_run_reads_are_answered_from_memory_until_the_runtime_changes() {
+    let ws = StandInWorkspace::new(json!({}));
+    // The real `millrace`, behind a script that writes down each call's words.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("calls.log");
+    let wrapper = dir.path().join("millrace");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            log.display(),
+            millrace_bin().display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod wrapper");
+    let nats = NatsServer::start();
+    let wrapper_arg = wrapper.display().to_string();
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("ws", ws.path())],
+        &["--millrace-command", &wrapper_arg],
+    );
+    rt().block_on(async {
+        let client = nats.client().await;
+        worker.wait_ready(&client).await;
+        // The first status waits for the worker's first snapshot; by then it watches the
+        // runtime's files.
+        let s = ask(
+            &client,
+            "ws",
+            &action("m-status", "ws", "status", json!({})),
+        )
+        .await;
+        assert_eq!(s["status"], "succeeded", "{s:#}");
+
+        let mut answers = Vec::new();
+        for n in 0..3 {
+            let q = ask(
+                &client,
+                "ws",
+                &action(&format!("m-q{n}"), "ws", "queue_status", json!({})),
+            )
+            .await;
+            assert_eq!(q["status"], "succeeded", "{q:#}");
+            answers.push(q["result"].clone());
+        }
+        assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:#?}");
+        assert_eq!(answers[0]["task_queue_depth"], 0, "{:#}", answers[0]);
+        assert_eq!(
+            calls(&log, "queue ls"),
+            1,
+            "three queue reads of an unchanged workspace ask the runtime once"
+        );
+        for n in 0..2 {
+            let r = ask(
+                &client,
+                "ws",
+                &action(&format!("m-r{n}"), "ws", "list_runs", json!({})),
+            )
+            .await;
+            assert_eq!(r["status"], "succeeded", "{r:#}");
+        }
+        assert_eq!(calls(&log, "runs ls"), 1);
+
+        // A change behind the worker's back (the runtime's own CLI, not the worker's): the
+        // next reads follow it within a bound.
+        queue_task_directly(ws.path(), "task-behind-1");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let q = ask(
+                &client,
+                "ws",
+                &action(&format!("m-after{n}"), "ws", "queue_status", json!({})),
+            )
+            .await;
+            if q["result"]["task_queue_depth"] == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queue read did not follow a task queued behind the worker's back: {q:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(calls(&log, "queue ls") >= 2);
+    });
+}
+
 #[test]
 fn pause_then_resume_with_work_queued_is_recorded_and_health_tells_expected_from_unexpected() {
     let ws = StandInWorkspace::new(json!({}));

@@ -77,7 +77,16 @@ impl Context<'_> {
             ));
         };
         let cwd = command_cwd(self.service.settings.cwd.as_deref(), root);
-        match self.service.millrace.inspect(what, root, &cwd).await {
+        let answer = match &self.service.status_cache {
+            // A worker: read-only inspections are remembered until the runtime changes.
+            Some(cache) => {
+                cache
+                    .inspect(&self.service.millrace, what, root, &cwd)
+                    .await
+            }
+            None => self.service.millrace.inspect(what, root, &cwd).await,
+        };
+        match answer {
             Ok(payload) => self.resolved_success(payload, route),
             Err(err) => self.failure(Record::error(err.code(), err.to_string())),
         }

@@ -341,7 +341,18 @@ pub enum Inspect {
 }
 
 impl Inspect {
-    fn args(&self) -> Vec<OsString> {
+    /// Whether the command only reads the runtime's files under `millrace-agents/` (its
+    /// answer changes only when they do), so a remembered answer stays true until then.
+    /// `doctor` also looks at the machine; pause and resume change the workspace.
+    pub fn reads_records_only(&self) -> bool {
+        matches!(
+            self,
+            Self::QueueList | Self::QueueShow(_) | Self::RunsList | Self::RunsShow(_)
+        )
+    }
+
+    /// The command's words after `millrace`, options first, the id last.
+    pub(crate) fn args(&self) -> Vec<OsString> {
         let words: &[&str] = match self {
             Self::QueueList => &["queue", "ls"],
             Self::QueueShow(_) => &["queue", "show"],

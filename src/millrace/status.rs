@@ -14,6 +14,12 @@
 //! first request of a workspace (there is nothing to serve yet): a request during a
 //! refresh gets the previous snapshot. A safety-net refresh runs when nothing changed for
 //! `safety_net` (minutes), also in the background.
+//!
+//! The same change signal keeps the answers of the runtime's read-only inspections
+//! (`queue ls|show`, `runs ls|show`): each is remembered with the generation it was asked
+//! at and answered again from memory while nothing changed, so an operator polling the
+//! queue does not pay a Python start-up per call. They are asked on the request's path
+//! (only when something changed), never in the background.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +33,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::millrace::command::{Millrace, RuntimeError};
+use crate::millrace::command::{Inspect, Millrace, RuntimeError};
 use crate::millrace::exit_watch;
 use crate::millrace::records::agents_dir;
 
@@ -50,8 +56,21 @@ impl Changes {
     }
 }
 
+/// A remembered inspection answer and the generation it was asked at.
+struct Read {
+    generation: u64,
+    at: std::time::Instant,
+    value: Arc<Map<String, Value>>,
+}
+
+/// Remembered inspections per workspace at most (distinct ids of `queue show` and
+/// `runs show` included); past it they are forgotten together.
+const MAX_READS: usize = 256;
+
 struct Entry {
     changes: Arc<Changes>,
+    /// Inspection answers by the command's words.
+    reads: Mutex<HashMap<Vec<std::ffi::OsString>, Read>>,
     /// The latest snapshot; `None` until the first refresh has finished.
     served: watch::Sender<Option<Snapshot>>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
@@ -119,6 +138,61 @@ impl StatusCache {
         }
     }
 
+    /// A read-only inspection of the workspace (see the module docs): the remembered
+    /// answer while the runtime's files and the lock's daemon are unchanged since it was
+    /// asked (and not older than the safety net), else the runtime's. Errors are not
+    /// remembered; commands that are not pure reads always run.
+    pub async fn inspect(
+        &self,
+        millrace: &Millrace,
+        what: &Inspect,
+        workspace: &Path,
+        cwd: &Path,
+    ) -> Result<Map<String, Value>, RuntimeError> {
+        if !what.reads_records_only() {
+            return millrace.inspect(what, workspace, cwd).await;
+        }
+        let entry = self.entry(millrace, workspace, cwd);
+        // Without a watch on the runtime's files no change would be seen: ask every time.
+        let watching = *entry
+            .watching_agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            && entry
+                .watcher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
+        let key = what.args();
+        // Read before asking, so a change during the call is seen as a change after it.
+        let generation = entry.changes.generation.load(Ordering::SeqCst);
+        if watching {
+            let reads = entry.reads.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(read) = reads.get(&key)
+                && read.generation == generation
+                && read.at.elapsed() < self.safety_net
+            {
+                return Ok((*read.value).clone());
+            }
+        }
+        let value = millrace.inspect(what, workspace, cwd).await?;
+        if watching {
+            let mut reads = entry.reads.lock().unwrap_or_else(|e| e.into_inner());
+            if reads.len() >= MAX_READS {
+                reads.clear();
+            }
+            reads.insert(
+                key,
+                Read {
+                    generation,
+                    at: std::time::Instant::now(),
+                    value: Arc::new(value.clone()),
+                },
+            );
+        }
+        Ok(value)
+    }
+
     /// Schedules a refresh (for changes this process makes itself). Does not wait.
     pub fn invalidate(&self, workspace: &Path) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,6 +213,7 @@ impl StatusCache {
         let entry = Arc::new(Entry {
             watcher: Mutex::new(file_watcher(workspace, changes.clone())),
             changes,
+            reads: Mutex::new(HashMap::new()),
             served: watch::Sender::new(None),
             watching_agents: Mutex::new(false),
         });
