@@ -401,24 +401,14 @@ fn kill_marked(mark: &str) {
 // The parts: broker, workspaces, workers
 // ---------------------------------------------------------------------------------------
 
-/// A private nats-server on 127.0.0.1 and a random port (core NATS only: the figures that
-/// use it send core requests, and `ops` on it falls back to request/reply).
+/// A private nats-server on 127.0.0.1 and a random port, with JetStream (its store under
+/// `dir`).
 fn start_nats(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Spawned, String)> {
-    start_nats_with(ctx, dir, false)
-}
-
-/// A private nats-server with JetStream (its store under `dir`), for the figures that
-/// measure the default durable submission.
-fn start_nats_js(ctx: &Ctx, dir: &Path) -> anyhow::Result<(Spawned, String)> {
-    start_nats_with(ctx, dir, true)
-}
-
-fn start_nats_with(ctx: &Ctx, dir: &Path, jetstream: bool) -> anyhow::Result<(Spawned, String)> {
     let log = std::fs::File::create(dir.join("nats-server.log"))?;
     let (mut cmd, mark) = ctx.command(&ctx.nats_server, dir);
-    if jetstream {
-        cmd.arg("-js").arg("-sd").arg(dir.join("jetstream"));
-    }
+    // With JetStream, as a worker needs it (without it a worker refuses to start unless
+    // `--core-only`): the figures measure the worker as it is deployed.
+    cmd.arg("-js").arg("-sd").arg(dir.join("jetstream"));
     cmd.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
         .arg(dir)
         .stdout(log.try_clone()?)
@@ -503,6 +493,19 @@ async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
     async_nats::connect(url)
         .await
         .with_context(|| format!("cannot connect to {url}"))
+}
+
+/// Waits until the worker started in `dir` answers on `req.any`; a worker that does not
+/// answer is reported with the end of its log.
+async fn wait_worker(client: &async_nats::Client, dir: &Path) -> anyhow::Result<()> {
+    wait_answering(client, &subjects::request_any())
+        .await
+        .map_err(|err| {
+            let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            err.context(format!("the worker's log ends:\n{}", tail.join("\n")))
+        })
 }
 
 /// Waits until something answers on `subject` (a worker or the echo responder).
@@ -2042,7 +2045,7 @@ async fn status_paced(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let dir = ctx.dir("8-status-paced")?;
     let ws = dir.join("ws");
     init_workspace(ctx, &ws)?;
-    let (_nats, url) = start_nats_js(ctx, &dir)?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
     wait_answering(&client, &subjects::request_any()).await?;
@@ -2167,7 +2170,7 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let ref_ws = dir.join("ref-ws");
     stand_in_workspace(ctx, &ws, json!({}))?;
     stand_in_workspace(ctx, &ref_ws, json!({}))?;
-    let (_nats, url) = start_nats_js(ctx, &dir)?;
+    let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
     wait_answering(&client, &subjects::request_any()).await?;
@@ -2435,7 +2438,7 @@ async fn operator(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
 
     // Read round trips, the actions alternated so load drifts hit every side alike.
     let actions = [

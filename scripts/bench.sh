@@ -2,10 +2,11 @@
 # The benchmark suite in one command: measures the worker side by side with a bare NATS
 # echo responder and with the Python reference (millracer 0.2.0), then prints a table.
 #
-#   scripts/bench.sh                 every figure (about 5 minutes)
+#   scripts/bench.sh                 every figure (about 15 minutes)
 #   scripts/bench.sh roundtrip memory   some of them: roundtrip inspect-throughput ops-status
-#                                    memory monitor-cpu detection status-throughput operator
-#                                    (or 1..8)
+#                                    memory monitor-cpu detection status-throughput
+#                                    status-paced enqueue-exit memory-after-load operator
+#                                    (or 1..11)
 #   scripts/bench.sh --quick         a short smoke run (sizes below the documented minimums)
 #
 # What it does:
