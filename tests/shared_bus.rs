@@ -1,7 +1,7 @@
 //! One bus for many operators: workspace identity (unnamed workspaces get host-scoped
 //! ids, a collision is refused with exit 2), the registry of served workspaces (no worker →
 //! exit 3 at once, `--wait-for-worker` waits), the bus's view (`list_workspaces` on
-//! `req.any`, `$SRV.STATS` counting durable requests, core results kept by request_id),
+//! `req.any`, `$SRV.STATS` counting durable requests, results kept as long as their action needs),
 //! a bounded stop with the broker gone, and no silently degraded worker without JetStream
 //! (`--core-only` is explicit). Real nats-server, real millrace.
 
@@ -40,6 +40,32 @@ fn status_for(id: &str, request_id: &str) -> String {
         json!({"kind": "structured_action", "payload": {}}),
     )
     .to_string()
+}
+
+/// An `enqueue` without text: it takes the workspace's lane and is answered
+/// `invalid_input` at once, so it stands for any request that changes state.
+fn change_for(id: &str, request_id: &str) -> String {
+    let mut request = request_json(
+        request_id,
+        "enqueue",
+        json!({"workspace_id": id}),
+        json!({}),
+    );
+    request["route_preference"] = json!("millrace");
+    request.to_string()
+}
+
+/// The record stored under the workspace's key for `request_id`, waited for (≤ 10 s).
+async fn stored(kv: &jetstream::kv::Store, workspace: &str, request_id: &str) -> Value {
+    let key = subjects::result_key(Some(workspace), request_id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(entry) = kv.get(&key).await.expect("kv get") {
+            return parse(&entry);
+        }
+        assert!(Instant::now() < deadline, "{key} never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn ops(nats: &NatsServer, extra: &[&str], stdin: &str) -> std::process::Output {
@@ -330,10 +356,14 @@ fn list_workspaces_on_req_any_shows_every_workers_workspaces() {
 }
 
 #[test]
-fn srv_stats_counts_durable_requests_and_core_results_are_kept() {
+fn srv_stats_counts_durable_requests_and_results_are_kept_as_long_as_their_action_needs() {
     let nats = NatsServer::start();
     let a = Workspace::init();
-    let worker = Worker::spawn(&nats.url, &[("shop", a.path())], &[]);
+    let worker = Worker::spawn(
+        &nats.url,
+        &[("shop", a.path())],
+        &["--read-result-keep-seconds", "2"],
+    );
     rt().block_on(async {
         let client = nats.client().await;
         worker.wait_ready(&client).await;
@@ -374,31 +404,77 @@ fn srv_stats_counts_durable_requests_and_core_results_are_kept() {
         );
         assert_eq!(info["metadata"]["workspaces"], "shop", "{info}");
 
-        // A core request's result is kept under its scoped key too.
+        // A core request that changes state is kept under its scoped key too; a core read
+        // is not (asked again, it is answered again).
         let reply = client
             .request(
                 subjects::request_by_id("shop"),
-                status_for("shop", "core-kept").into(),
+                status_for("shop", "core-read").into(),
             )
             .await
             .expect("core reply");
         assert_eq!(parse(&reply.payload)["status"], "succeeded");
+        let reply = client
+            .request(
+                subjects::request_by_id("shop"),
+                change_for("shop", "core-kept").into(),
+            )
+            .await
+            .expect("core reply");
+        assert_eq!(
+            parse(&reply.payload)["errors"][0]["code"],
+            "invalid_input",
+            "an enqueue without text"
+        );
         let kv = jetstream::new(client.clone())
             .get_key_value(subjects::RESULTS_BUCKET)
             .await
             .expect("results bucket");
-        let key = subjects::result_key(Some("shop"), "core-kept");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(entry) = kv.get(&key).await.expect("kv get") {
-                let record = parse(&entry);
-                assert_eq!(record["state"], "done");
-                assert_eq!(record["result"]["request_id"], "core-kept");
-                break;
-            }
-            assert!(Instant::now() < deadline, "core result never stored");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let record = stored(&kv, "shop", "core-kept").await;
+        assert_eq!(record["state"], "done");
+        assert_eq!(record["result"]["request_id"], "core-kept");
+        assert!(
+            kv.get(subjects::result_key(Some("shop"), "core-read"))
+                .await
+                .expect("kv get")
+                .is_none(),
+            "a core read's answer is not kept"
+        );
+
+        // Durable: a change's answer stays for the bucket's retention; a read's is purged
+        // after --read-result-keep-seconds (2 s here).
+        let out = ops(&nats, &[], &change_for("shop", "durable-kept"));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = ops(&nats, &[], &status_for("shop", "durable-read"));
+        assert_eq!(out.status.code(), Some(0));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while kv
+            .get(subjects::result_key(Some("shop"), "durable-read"))
+            .await
+            .expect("kv get")
+            .is_some()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a durable read's answer was not purged within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Stored before the read, so it would have been purged by now were it a read.
+        let record = stored(&kv, "shop", "durable-kept").await;
+        assert_eq!(record["result"]["request_id"], "durable-kept");
+        assert!(
+            kv.get(subjects::result_key(Some("shop"), "durable-counted"))
+                .await
+                .expect("kv get")
+                .is_none(),
+            "the first durable read's answer was purged too"
+        );
     });
 }
 

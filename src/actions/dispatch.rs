@@ -75,6 +75,14 @@ impl Action {
         )
     }
 
+    /// Whether a result of this action is worth keeping by request_id after its caller has
+    /// it: the answer to something that changed state (a repeat must get it, not run it
+    /// again). A read's answer is not: asking again is harmless and gives current data, and
+    /// keeping every status answer of a polling dashboard would fill the results bucket.
+    pub fn keeps_result(self) -> bool {
+        self.is_mutating() || self == Self::Cancel
+    }
+
     /// Whether a running request of this action stops only when its handler notices the
     /// cancellation (it cleans up after itself); others are simply dropped.
     pub fn cancels_itself(self) -> bool {

@@ -277,12 +277,20 @@ pub struct WorkerArgs {
     /// request_ids.
     #[arg(long, default_value_t = 10_000)]
     pub result_capacity: usize,
-    /// On the broker: how long each request's state and final result are kept by request_id
-    /// in the JetStream results bucket, shared by every worker and surviving restarts (a
-    /// request_id sent again within it is answered from there), and how long a durable
-    /// request may wait in the jobs stream. Used when this worker creates them.
+    /// On the broker: how long the state and final result of a request that changes state
+    /// are kept by request_id in the JetStream results bucket, shared by every worker and
+    /// surviving restarts (a request_id sent again within it is answered from there; reads:
+    /// see `--read-result-keep-seconds`), and how long a durable request may wait in the
+    /// jobs stream. Used when this worker creates them.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     pub result_retention_seconds: u64,
+    /// On the broker: how long the stored answer to a durable read-only request (`status`,
+    /// `health`, lists, inspections) stays in the results bucket before this worker purges
+    /// it. Answers to requests that change state (`enqueue`, `pause`, `resume`,
+    /// `select_workspace`, `cancel`) are kept for `--result-retention-seconds`. Keep it
+    /// above the bridge's `--timeout` and the 120 s duplicate window.
+    #[arg(long, default_value_t = 300)]
+    pub read_result_keep_seconds: u64,
     /// A durable request not acked (or progress-acked) for this long goes to another worker.
     /// Used when this worker creates the consumers; progress acks come every third of it.
     #[arg(long, default_value_t = 30.0)]

@@ -465,6 +465,7 @@ async fn start_durable_side(
         setup.retention,
         setup.replicas,
         setup.ack_wait,
+        std::time::Duration::from_secs(setup.args.read_result_keep_seconds),
     )
     .await
     .map_err(|message| {
@@ -823,6 +824,7 @@ async fn setup_durable(
     retention: std::time::Duration,
     replicas: durable::Replicas,
     ack_wait: std::time::Duration,
+    read_keep: std::time::Duration,
 ) -> Result<DurableSide, String> {
     let mut warned = false;
     let attempt = || async {
@@ -844,7 +846,14 @@ async fn setup_durable(
         .await
         .map_err(|err| err.to_string())?;
     Ok((
-        Durable::new(js, client.clone(), kv, owner.to_string(), ack_wait),
+        Durable::new(
+            js,
+            client.clone(),
+            kv,
+            owner.to_string(),
+            ack_wait,
+            read_keep,
+        ),
         store,
     ))
 }

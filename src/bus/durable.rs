@@ -450,7 +450,25 @@ pub struct Durable {
     /// Writes and acks still in flight; the worker waits for them before it exits.
     pub tracker: TaskTracker,
     ack_wait: Duration,
+    /// Stored answers to reads, oldest first, with the revision written: purged from the
+    /// bucket once [`READ_RESULT_KEEP`] has passed (or more than [`READ_RESULTS_HELD`] wait).
+    reads: std::sync::Mutex<std::collections::VecDeque<(tokio::time::Instant, String, u64)>>,
+    /// Wakes the purger when a read answer is stored.
+    read_stored: tokio::sync::Notify,
+    /// How long a stored read answer is kept (`--read-result-keep-seconds`).
+    read_keep: Duration,
 }
+
+/// How long the stored answer to a durable read stays in the results bucket by default
+/// (`--read-result-keep-seconds`): long enough for its caller (subscribed to the key before
+/// it published) to read it, and longer than the stream's duplicate window, so a caller
+/// retrying its publish finds the answer. Then it is purged: a dashboard polling `status`
+/// durably must not fill the bucket for the whole `--result-retention-seconds`.
+pub const READ_RESULT_KEEP: Duration = Duration::from_secs(300);
+
+/// At most this many stored read answers wait for their purge (about 100 bytes of memory
+/// each); past it the oldest are purged early.
+const READ_RESULTS_HELD: usize = 100_000;
 
 enum Claim {
     /// Not seen before: run it.
@@ -475,6 +493,7 @@ impl Durable {
         kv: kv::Store,
         owner: String,
         ack_wait: Duration,
+        read_keep: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -485,7 +504,61 @@ impl Durable {
             writes: tokio::sync::Mutex::new(()),
             tracker: TaskTracker::new(),
             ack_wait,
+            reads: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            read_stored: tokio::sync::Notify::new(),
+            read_keep,
         })
+    }
+
+    /// Remembers a stored read answer for its purge.
+    fn forget_later(&self, key: String, revision: u64) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((tokio::time::Instant::now() + self.read_keep, key, revision));
+        self.read_stored.notify_one();
+    }
+
+    /// Purges each stored read answer when its time is up (see [`READ_RESULT_KEEP`]), until
+    /// `stop`; a key written again since (another revision) is left alone. What a stopped
+    /// worker leaves ends with the bucket's retention.
+    async fn purge_reads(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = {
+                let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+                match reads.front() {
+                    Some((due, _, _))
+                        if *due <= tokio::time::Instant::now()
+                            || reads.len() > READ_RESULTS_HELD =>
+                    {
+                        Ok(reads.pop_front())
+                    }
+                    Some((due, _, _)) => Err(Some(*due)),
+                    None => Err(None),
+                }
+            };
+            match next {
+                Ok(Some((_, key, revision))) => {
+                    if let Err(err) = self.kv.purge_expect_revision(&key, Some(revision)).await {
+                        tracing::debug!(%err, key, "a stored read answer was not purged");
+                    }
+                }
+                Ok(None) => {}
+                Err(due) => {
+                    let sleep = async {
+                        match due {
+                            Some(due) => tokio::time::sleep_until(due).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = sleep => {}
+                        () = self.read_stored.notified() => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Creates (or finds) and checks every binding's consumer: a consumer that exists with
@@ -508,6 +581,9 @@ impl Durable {
         max_request_bytes: usize,
         stop: CancellationToken,
     ) {
+        // Not one of the pullers: it ends with `stop`, and what it has not purged by then
+        // ends with the bucket's retention.
+        tokio::spawn(self.clone().purge_reads(stop.clone()));
         let pullers = TaskTracker::new();
         for BoundConsumer { binding, consumer } in consumers {
             let this = self.clone();
@@ -879,7 +955,12 @@ impl Durable {
                     entry.0.result = value;
                     entry.0.last_sequence = last_sequence;
                 }
-                this.write(key, true).await;
+                let revision = this.write(key, true).await;
+                if let Some(revision) = revision
+                    && !crate::actions::dispatch::Action::parse(&result.action).keeps_result()
+                {
+                    this.forget_later(key.clone(), revision);
+                }
             }
             // Confirmed by the server, so a worker that exits right after (SIGTERM) has
             // really handed the request off.
@@ -939,28 +1020,27 @@ impl Durable {
 
     /// Writes the in-memory record to the bucket, retrying through a broker outage (for
     /// up to ten minutes: a stored final result is what makes a redelivery harmless).
-    async fn write(&self, key: &str, last: bool) {
-        self.write_within(key, last, Duration::from_secs(600)).await;
+    /// The revision written, when the record was stored.
+    async fn write(&self, key: &str, last: bool) -> Option<u64> {
+        self.write_within(key, last, Duration::from_secs(600)).await
     }
 
-    /// [`Durable::write`] giving up after `patience`; whether the record was stored.
-    async fn write_within(&self, key: &str, last: bool, patience: Duration) -> bool {
+    /// [`Durable::write`] giving up after `patience`; the revision, when the record was
+    /// stored.
+    async fn write_within(&self, key: &str, last: bool, patience: Duration) -> Option<u64> {
         let _one_at_a_time = self.writes.lock().await;
-        let Some(mut record) = self
+        let mut record = self
             .records
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
-            .map(|(r, _)| r.clone())
-        else {
-            return false;
-        };
+            .map(|(r, _)| r.clone())?;
         if record.is_done() && !last {
-            return false;
+            return None;
         }
         record.updated_at = time::now();
         let Ok(body) = serde_json::to_vec(&record) else {
-            return false;
+            return None;
         };
         let body = Bytes::from(body);
         let stored = (|| self.kv.put(key, body.clone()))
@@ -968,7 +1048,7 @@ impl Durable {
             .notify(|err, _| tracing::warn!(%err, key, "cannot store a request's state; retrying"))
             .await
             .inspect_err(|err| tracing::error!(%err, key, "gave up storing a request's state"))
-            .is_ok();
+            .ok();
         if last {
             self.records
                 .lock()
@@ -987,7 +1067,11 @@ impl Durable {
             };
             record.intake = Some(item);
         }
-        if self.write_within(key, false, INTENT_PATIENCE).await {
+        if self
+            .write_within(key, false, INTENT_PATIENCE)
+            .await
+            .is_some()
+        {
             Ok(())
         } else {
             Err(format!(
@@ -1013,7 +1097,7 @@ impl Durable {
             };
             step(record);
         }
-        if self.write_within(key, false, STEP_PATIENCE).await {
+        if self.write_within(key, false, STEP_PATIENCE).await.is_some() {
             Ok(())
         } else {
             Err(format!(

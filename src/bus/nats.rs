@@ -379,8 +379,11 @@ pub async fn publish_outbound(
                         tracing::warn!(%err, request_id = %result.request_id, "cannot publish a result");
                     }
                 }
-                // Core results are kept by request_id like durable ones.
-                if let (Some(durable), Some(scope)) = (&durable, core_scope) {
+                // Core results of actions that change state are kept by request_id like
+                // durable ones; a read's is not (see `Action::keeps_result`).
+                if let (Some(durable), Some(scope)) = (&durable, core_scope)
+                    && crate::actions::dispatch::Action::parse(&result.action).keeps_result()
+                {
                     durable.store_core_result(scope, result.clone());
                 }
             }
