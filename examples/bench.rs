@@ -2390,6 +2390,23 @@ async fn memory_after_load(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
         mib(after),
         mib(hwm)
     ));
+    // What the load left on the broker: the results bucket keeps the answers to changes,
+    // not to reads.
+    let mut results = async_nats::jetstream::new(client.clone())
+        .get_stream(format!("KV_{}", subjects::RESULTS_BUCKET))
+        .await?;
+    let state = results.info().await?.state.clone();
+    report.row(
+        "10",
+        &format!(
+            "results bucket after the same load ({statuses} core status, {enqueues} core enqueues)"
+        ),
+        format!("{} records, {}", state.messages, mib(state.bytes / 1024)),
+        format!("{enqueues} changes answered"),
+        String::new(),
+        "",
+        None,
+    );
     Ok(())
 }
 
