@@ -129,8 +129,14 @@ fn an_adapter_submits_for_its_workspace_and_can_forge_or_read_nothing_else() {
             .subscribe(subjects::frames_of_workspace(None))
             .await
             .expect("mission control subscribes to all frames");
-        adapter.flush().await.expect("flush");
-        mission.flush().await.expect("flush");
+        // A flush only writes the subscriptions out; a round trip on each connection (the
+        // server answers in order) proves the server has them before anyone publishes.
+        for client in [&adapter, &mission] {
+            client
+                .request("$JS.API.INFO", "".into())
+                .await
+                .expect("a round trip on the subscriber's connection");
+        }
 
         worker_role
             .publish(subjects::frames(Some("shop"), "real-1"), "{}".into())

@@ -648,7 +648,36 @@ async fn serve_core_endpoints(
     let micro_task = tokio::spawn(micro.clone().serve(client.clone(), micro_stop.clone()));
     running.micro = Some((micro_stop, micro_task));
     client.flush().await.context("cannot reach NATS")?;
+    confirm_subscriptions(client, micro).await;
     Ok(())
+}
+
+/// A flush only writes the subscriptions out. This worker's own `$SRV.PING`, answered
+/// through the broker, proves the broker has every one of them (it handles a connection's
+/// messages in order, and the endpoints were subscribed first), so "ready" is true when it
+/// is said: a caller that sends at once is not told "no responders".
+async fn confirm_subscriptions(client: &async_nats::Client, micro: &Arc<Micro>) {
+    let subject = micro.own_ping_subject();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            client.request(subject.clone(), bytes::Bytes::new()),
+        )
+        .await;
+        match answer {
+            Ok(Ok(_)) => return,
+            _ if std::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    subject,
+                    "the broker did not answer this worker's own $SRV.PING within 5 s; saying ready anyway"
+                );
+                return;
+            }
+            // The `$SRV` responder subscribes in its own task: not there yet.
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
 }
 
 /// Says once, at INFO, what the worker serves and where, and writes `--ready-file`.

@@ -135,6 +135,11 @@ impl Micro {
         Value::Object(m)
     }
 
+    /// This worker's own `$SRV.PING` subject (answered by this worker alone).
+    pub fn own_ping_subject(&self) -> String {
+        format!("$SRV.PING.{SERVICE_NAME}.{}", self.id)
+    }
+
     /// Answers `$SRV.<VERB>`, `$SRV.<VERB>.millracer` and `$SRV.<VERB>.millracer.<id>`
     /// until the connection closes or `stop` fires.
     pub async fn serve(
