@@ -289,7 +289,7 @@ pub struct WorkerArgs {
     /// it. Answers to requests that change state (`enqueue`, `pause`, `resume`,
     /// `select_workspace`, `cancel`) are kept for `--result-retention-seconds`. Keep it
     /// above the bridge's `--timeout` and the 120 s duplicate window.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = crate::bus::durable::READ_RESULT_KEEP.as_secs())]
     pub read_result_keep_seconds: u64,
     /// A durable request not acked (or progress-acked) for this long goes to another worker.
     /// Used when this worker creates the consumers; progress acks come every third of it.
