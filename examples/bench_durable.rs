@@ -20,30 +20,15 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use millracer::bus::subjects::{self, JobClass};
-use serde_json::{Value, json};
+use millracer::bus::subjects;
+use serde_json::Value;
+
+mod common;
+use common::{
+    WorkerProc, free_port, keys_of, longest_stall, nats_server_bin, publish, request, run_twice,
+    wait_ready,
+};
 use tokio::sync::oneshot;
-
-fn nats_server_bin() -> PathBuf {
-    std::env::var_os("MILLRACER_TEST_NATS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server"))
-}
-
-fn millracer_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow::anyhow!("no target directory"))?;
-    let bin = dir.join("millracer");
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} missing: run cargo build --release first",
-        bin.display()
-    );
-    Ok(bin)
-}
 
 struct Server {
     child: Child,
@@ -92,101 +77,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-struct WorkerProc(Child);
-
-impl WorkerProc {
-    fn spawn(url: &str, workspaces: &[(String, PathBuf)], home: &Path) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(millracer_bin()?);
-        cmd.args(["worker", "--nats-url", url, "--ack-wait-seconds", "3"]);
-        for (id, path) in workspaces {
-            cmd.arg("--workspace")
-                .arg(format!("{id}={}", path.display()));
-        }
-        Ok(Self(
-            cmd.env("HOME", home)
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        ))
-    }
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn request(id: &str, action: &str, workspace: Option<&str>) -> Value {
-    json!({
-        "schema_version": "millracer.ops.v0.2", "request_id": id,
-        "workspace_ref": workspace.map_or(json!({}), |w| json!({"workspace_id": w})),
-        "source": {"kind": "cli", "surface": "bench"}, "action": action, "input": {},
-    })
-}
-
-async fn wait_ready(client: &async_nats::Client, consumers: usize) -> anyhow::Result<()> {
-    let js = jetstream::new(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut stream) = js.get_stream(subjects::JOBS_STREAM).await
-            && let Ok(info) = stream.info().await
-            && info.state.consumer_count >= consumers
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "workers not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The result keys of `ids` published by [`publish`] (round-robin over `workspaces`), or of
-/// workspace-less requests when `workspaces` is empty.
-fn keys_of(ids: &[String], workspaces: &[(String, PathBuf)]) -> Vec<String> {
-    ids.iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let ws = (!workspaces.is_empty()).then(|| workspaces[i % workspaces.len()].0.as_str());
-            subjects::result_key(ws, id)
-        })
-        .collect()
-}
-
-/// Publishes `ids` durably (change class, round-robin over `workspaces`).
-async fn publish(
-    js: &jetstream::Context,
-    ids: &[String],
-    workspaces: &[(String, PathBuf)],
-) -> anyhow::Result<()> {
-    let mut acks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let ws = &workspaces[i % workspaces.len()].0;
-        let body = request(id, "enqueue", Some(ws)).to_string();
-        let message = jetstream::message::PublishMessage::build()
-            .payload(body.into())
-            .message_id(subjects::result_key(Some(ws), id));
-        acks.push(
-            js.send_publish(subjects::jobs_by_id(ws, JobClass::Change), message)
-                .await?,
-        );
-    }
-    for ack in acks {
-        ack.await?;
-    }
-    Ok(())
 }
 
 /// The client's own result wait: one KV watch on the results bucket (started before
@@ -304,62 +194,6 @@ async fn collect(
     (done, lost)
 }
 
-/// How many of `ids` started more than once (their `request.started` frames).
-async fn run_twice(js: &jetstream::Context, ids: &[String]) -> anyhow::Result<usize> {
-    let stream = js.get_stream(subjects::FRAMES_STREAM).await?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subjects::frames_of_workspace(None),
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let mut started: HashMap<String, usize> = HashMap::new();
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
-    {
-        if let Ok(frame) = serde_json::from_slice::<Value>(&message.payload)
-            && frame["event_type"] == "request.started"
-        {
-            *started
-                .entry(frame["request_id"].as_str().unwrap_or("").to_string())
-                .or_default() += 1;
-        }
-    }
-    Ok(ids
-        .iter()
-        .filter(|id| started.get(*id).copied().unwrap_or(0) > 1)
-        .count())
-}
-
-/// The longest pause between consecutive completions of one workspace after `from`
-/// (requests are spread round-robin over `lanes` workspaces): how long a workspace waited
-/// to recover.
-fn longest_stall(
-    ids: &[String],
-    done: &HashMap<String, Instant>,
-    from: Instant,
-    lanes: usize,
-) -> Duration {
-    let mut worst = Duration::ZERO;
-    for lane in 0..lanes {
-        let mut times: Vec<Instant> = ids
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % lanes == lane)
-            .filter_map(|(_, id)| done.get(id).copied())
-            .filter(|t| *t >= from)
-            .collect();
-        times.sort();
-        let mut prev = from;
-        for t in times {
-            worst = worst.max(t - prev);
-            prev = t;
-        }
-    }
-    worst
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -374,8 +208,8 @@ async fn main() -> anyhow::Result<()> {
     let store = dir.path().join("js");
     let mut server = Server::start(&store, free_port()?)?;
     let url = server.url();
-    let mut a = WorkerProc::spawn(&url, &workspaces, &home)?;
-    let _b = WorkerProc::spawn(&url, &workspaces, &home)?;
+    let mut a = WorkerProc::spawn(&url, &workspaces, &home, &[])?;
+    let _b = WorkerProc::spawn(&url, &workspaces, &home, &[])?;
     let client = async_nats::connect(&url).await?;
     wait_ready(&client, 1 + 2 * workspaces.len()).await?;
     let js = jetstream::new(client.clone());
@@ -473,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
     let killed = Instant::now();
     a.kill();
     let before = results.answered(&keys_of(&ids, &workspaces));
-    let _c = WorkerProc::spawn(&url, &workspaces, &home)?;
+    let _c = WorkerProc::spawn(&url, &workspaces, &home, &[])?;
     let (done, lost) = collect(
         &results,
         &ids,
