@@ -495,6 +495,14 @@ async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
+/// Milliseconds, rounded, space-separated (the runs of a figure's note).
+fn whole_ms(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Waits until the worker started in `dir` answers on `req.any`; a worker that does not
 /// answer is reported with the end of its log.
 async fn wait_worker(client: &async_nats::Client, dir: &Path) -> anyhow::Result<()> {
@@ -922,7 +930,7 @@ async fn roundtrip(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let pids = [worker.pid(), echo.pid(), nats.pid()];
     let cpu_now = || pids.map(total_ns);
     let mut spent = [[0u64; 3]; 2];
-    wait_answering(&client, &any).await?;
+    wait_worker(&client, &dir).await?;
     wait_answering(&client, ECHO_SUBJECT).await?;
 
     let subject = |side| match side {
@@ -1170,7 +1178,7 @@ async fn inspect_throughput(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()
     let worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
     let any = subjects::request_any();
-    wait_answering(&client, &any).await?;
+    wait_worker(&client, &dir).await?;
     // A session to inspect (inspect_session reads the session file each time).
     let select = request_bytes(
         &unique("select"),
@@ -1309,7 +1317,7 @@ async fn ops_status(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     let home = dir.join("ops-home");
     std::fs::create_dir_all(&home)?;
     let ours_args = ours_status_args(&url, &ws);
@@ -1359,12 +1367,7 @@ async fn ops_status(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
         "",
         None,
     );
-    let fmt = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let fmt = whole_ms;
     report.note(format!(
         "[3] pairs in ABBA order (ours first, then the reference first, …) after one warm-up each; only successful runs are timed; ours (ms): {}; reference (ms): {}; {} of our runs took ≤ 300 ms (median {}){}; failures {} (ours) {} (reference)",
         fmt(&ours),
@@ -1399,7 +1402,7 @@ async fn memory(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = vm_kib(worker.pid(), "VmRSS").unwrap_or(0);
 
@@ -1627,7 +1630,7 @@ async fn monitor_cpu(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let worker = start_worker(ctx, &dir, &url, &ws_a)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     let ws_b = dir.join("ws-reference");
     stand_in_workspace(ctx, &ws_b, stages)?;
     let home = dir.join("reference-home");
@@ -1732,7 +1735,7 @@ async fn detection(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
 
     // The subscriber stamps each frame the moment it arrives.
     let seen: Arc<Mutex<Vec<(SystemTime, Value)>>> = Arc::default();
@@ -1898,7 +1901,7 @@ async fn status_throughput(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
     let (nats, url) = start_nats(ctx, &dir)?;
     let worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     // Like with like: the same clients on both sides, each a loop of whole `ops --json`
     // status processes (what a user or a script runs), `status_clients` at once, in ABBA
     // windows (ours, reference, reference, ours). Failed runs are counted, not served.
@@ -2055,7 +2058,7 @@ async fn status_paced(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     let home = dir.join("ops-home");
     std::fs::create_dir_all(&home)?;
     // Side 0: the default transport (auto: the bus when a worker answers; durable
@@ -2128,12 +2131,7 @@ async fn status_paced(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
             Some(sum[side].p99 <= 50.0),
         );
     }
-    let fmt = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let fmt = whole_ms;
     report.note(format!(
         "[8] {calls} cycles, one every 3 s, each runs the three sides once, order alternating (default, request, reference / reference, request, default), after one warm-up call each; default (ms): {}; --submit request (ms): {}; reference (ms): {}; failures {} / {} / {}",
         fmt(&samples[0]),
@@ -2180,7 +2178,7 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
     let (_nats, url) = start_nats(ctx, &dir)?;
     let _worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     // The worker's `runtime.terminal` frame, stamped by the worker (its `timestamp`).
     let terminal: Arc<Mutex<HashMap<String, i128>>> = Arc::default();
     let mut frames = client
@@ -2278,12 +2276,7 @@ async fn enqueue_exit(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()> {
         "",
         None,
     );
-    let fmt = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.0}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let fmt = whole_ms;
     report.note(format!(
         "[9] {runs} task enqueues per side (route millrace, intake task, stand-in stages with no delay), sides alternating; ours by `ops --json` with the default transport (durable), the reference in-process on its own workspace (its final pi answer from the stand-in, `--pi-command`); frame → exit (ms): {}; record → exit, ours (ms): {}; reference (ms): {}; outcomes ours {:?}, reference {:?}. Record → exit includes what each does after the work ends: stopping the daemon (`control stop`) and a final `millrace status`",
         fmt(&from_frame),
@@ -2310,7 +2303,7 @@ async fn memory_after_load(ctx: &Ctx, report: &mut Report) -> anyhow::Result<()>
     let (_nats, url) = start_nats(ctx, &dir)?;
     let worker = start_worker(ctx, &dir, &url, &ws)?;
     let client = connect(&url).await?;
-    wait_answering(&client, &subjects::request_any()).await?;
+    wait_worker(&client, &dir).await?;
     // Ready, and the workspace's first status snapshot taken.
     client
         .request(

@@ -24,8 +24,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    WorkerProc, free_port, keys_of, longest_stall, nats_server_bin, publish, request, run_twice,
-    wait_ready,
+    WorkerProc, free_port, keys_of, last_after, longest_stall, nats_server_bin, publish, request,
+    run_twice, wait_ready,
 };
 
 /// Three servers, as deploy/nats-cluster.conf describes them, on free loopback ports.
@@ -281,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
         lost.len(),
         twice,
         longest_stall(&ids, &done, killed, lanes),
-        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(killed)),
+        last_after(&done, killed),
     ));
 
     // 2. Rolling restart: worker B is stopped (SIGTERM) and replaced mid-run.
@@ -310,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
         lost.len(),
         twice,
         longest_stall(&ids, &done, stopped, lanes),
-        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(stopped)),
+        last_after(&done, stopped),
     ));
     println!("{report}");
     Ok(())

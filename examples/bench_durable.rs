@@ -25,8 +25,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    WorkerProc, free_port, keys_of, longest_stall, nats_server_bin, publish, request, run_twice,
-    wait_ready,
+    WorkerProc, free_port, keys_of, last_after, longest_stall, nats_server_bin, publish, request,
+    run_twice, wait_ready,
 };
 use tokio::sync::oneshot;
 
@@ -321,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
         lost.len(),
         twice,
         longest_stall(&ids, &done, killed, lanes),
-        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(killed)),
+        last_after(&done, killed),
     ));
 
     // 3. Broker restart mid-stream.
@@ -345,7 +345,7 @@ async fn main() -> anyhow::Result<()> {
         twice,
         outage,
         longest_stall(&ids, &done, restarted, lanes),
-        done.values().max().map_or(Duration::ZERO, |t| t.saturating_duration_since(restarted)),
+        last_after(&done, restarted),
     ));
     println!("{report}");
     Ok(())

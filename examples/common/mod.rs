@@ -127,6 +127,13 @@ pub async fn run_twice(js: &jetstream::Context, ids: &[String]) -> anyhow::Resul
         .count())
 }
 
+/// How long after `from` the last of `done` was answered.
+pub fn last_after(done: &HashMap<String, Instant>, from: Instant) -> Duration {
+    done.values()
+        .max()
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(from))
+}
+
 /// The longest pause between consecutive completions of one workspace after `from`
 /// (requests are spread round-robin over `lanes` workspaces): how long a workspace waited
 /// to recover.
