@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use common::cluster::NatsCluster;
 use common::stand_in::StandInWorkspace;
-use common::{Worker, Workspace, request_json, rt, run_ops_with_timeout, stored_frames, wait_done};
-use futures::StreamExt;
+use common::{
+    Worker, Workspace, request_json, rt, run_ops_with_timeout, stored_frames, wait_done, wait_frame,
+};
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
 
@@ -53,22 +54,6 @@ fn task_cards(workspace: &Path) -> Vec<String> {
         }
     }
     cards
-}
-
-/// Waits for the first frame of `event_type` (and, if given, stage) on a core subscription.
-async fn wait_frame(frames: &mut async_nats::Subscriber, event_type: &str, stage: Option<&str>) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(Some(message)) = tokio::time::timeout(left, frames.next()).await else {
-            panic!("no {event_type} frame within 120 s");
-        };
-        let frame: Value = serde_json::from_slice(&message.payload).expect("frame JSON");
-        if frame["event_type"] == event_type && stage.is_none_or(|s| frame["payload"]["stage"] == s)
-        {
-            return;
-        }
-    }
 }
 
 /// The replicas a stream has, as the cluster reports them.

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use common::stand_in::StandInWorkspace;
-use common::{NatsServer, Worker, Workspace, request_json, rt, run_ops_with_timeout};
+use common::{
+    NatsServer, Worker, Workspace, request_json, rt, run_ops_with_timeout, wait_frame, write_script,
+};
 use futures::StreamExt;
 use millracer::bus::subjects::{self, JobClass};
 use serde_json::{Value, json};
@@ -85,22 +87,6 @@ fn intake_documents(workspace: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Waits for the first frame of `event_type` (and, if given, stage) on a core subscription.
-async fn wait_frame(frames: &mut async_nats::Subscriber, event_type: &str, stage: Option<&str>) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(Some(message)) = tokio::time::timeout(left, frames.next()).await else {
-            panic!("no {event_type} frame within 90 s");
-        };
-        let frame: Value = serde_json::from_slice(&message.payload).expect("frame JSON");
-        if frame["event_type"] == event_type && stage.is_none_or(|s| frame["payload"]["stage"] == s)
-        {
-            return;
-        }
-    }
 }
 
 #[test]
@@ -840,9 +826,8 @@ fn a_request_is_delivered_at_most_five_times() {
 /// `queue add` ran (the runtime has the card, the worker has not stored that it queued), or
 /// with `GAP_BEFORE=1` before it ran.
 fn pausing_millrace(dir: &Path) -> std::path::PathBuf {
-    let script = dir.join("millrace");
-    std::fs::write(
-        &script,
+    write_script(
+        &dir.join("millrace"),
         "#!/bin/sh\n\
          case \"$1\" in queue) ;; *) exec \"$REAL_MILLRACE\" \"$@\" ;; esac\n\
          if [ ! -e \"$GAP_MARKER\" ] && [ -n \"$GAP_BEFORE\" ]; then : > \"$GAP_MARKER\"; sleep 600; fi\n\
@@ -851,10 +836,6 @@ fn pausing_millrace(dir: &Path) -> std::path::PathBuf {
          if [ ! -e \"$GAP_MARKER\" ]; then : > \"$GAP_MARKER\"; sleep 600; fi\n\
          exit $rc\n",
     )
-    .expect("write wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    script
 }
 
 /// The runtime's task cards in every lifecycle folder.

@@ -406,21 +406,14 @@ fn queue_and_run_reads_are_answered_from_memory_until_the_runtime_changes() {
     // The real `millrace`, behind a script that writes down each call's words.
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("calls.log");
-    let wrapper = dir.path().join("millrace");
-    std::fs::write(
-        &wrapper,
-        format!(
+    let wrapper = common::write_script(
+        &dir.path().join("millrace"),
+        &format!(
             "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
             log.display(),
             millrace_bin().display()
         ),
-    )
-    .expect("write wrapper");
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod wrapper");
+    );
     let nats = NatsServer::start();
     let wrapper_arg = wrapper.display().to_string();
     let worker = Worker::spawn(

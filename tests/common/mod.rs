@@ -88,6 +88,15 @@ pub fn nats_server_bin() -> PathBuf {
     )
 }
 
+/// Writes an executable `sh` script (a wrapper around a real part, e.g. one that logs its
+/// calls) at `path` and returns that path.
+pub fn write_script(path: &Path, body: &str) -> PathBuf {
+    fs::write(path, body).unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    fs::set_permissions(path, mode).unwrap_or_else(|err| panic!("chmod {}: {err}", path.display()));
+    path.to_path_buf()
+}
+
 /// The pinned Millrace runtime CLI (`millrace-ai==0.21.1`): `$MILLRACER_TEST_MILLRACE`, else
 /// `.venv/bin/millrace`.
 pub fn millrace_bin() -> PathBuf {
@@ -1038,6 +1047,29 @@ impl Lines {
 // ---------------------------------------------------------------------------------------------
 // The durable side as tests read it
 // ---------------------------------------------------------------------------------------------
+
+/// Waits (≤ 120 s) for the first frame of `event_type` (and, if given, of that stage) on a
+/// core subscription; fails the test without it.
+pub async fn wait_frame(
+    frames: &mut async_nats::Subscriber,
+    event_type: &str,
+    stage: Option<&str>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(message)) = tokio::time::timeout(left, futures::StreamExt::next(frames)).await
+        else {
+            panic!("no {event_type} frame within 120 s");
+        };
+        let frame: serde_json::Value =
+            serde_json::from_slice(&message.payload).expect("frame JSON");
+        if frame["event_type"] == event_type && stage.is_none_or(|s| frame["payload"]["stage"] == s)
+        {
+            return;
+        }
+    }
+}
 
 /// The stored record of a request once it is done (fails after `limit`).
 pub async fn wait_done(

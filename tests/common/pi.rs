@@ -188,16 +188,14 @@ impl PiHome {
     pub fn recording_pi(&self) -> (PathBuf, PathBuf) {
         let dir = self.dir.path().join("argv");
         std::fs::create_dir_all(&dir).expect("argv dir");
-        let wrapper = self.dir.path().join("pi-recording");
-        let script = format!(
-            "#!/bin/sh\nprintf '%s\\0' \"$@\" > '{}'/\"$(date +%s%N)-$$\"\nexec '{}' \"$@\"\n",
-            dir.display(),
-            pi_bin().display()
+        let wrapper = super::write_script(
+            &self.dir.path().join("pi-recording"),
+            &format!(
+                "#!/bin/sh\nprintf '%s\\0' \"$@\" > '{}'/\"$(date +%s%N)-$$\"\nexec '{}' \"$@\"\n",
+                dir.display(),
+                pi_bin().display()
+            ),
         );
-        std::fs::write(&wrapper, script).expect("write wrapper");
-        let mut perms = std::fs::metadata(&wrapper).expect("meta").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&wrapper, perms).expect("chmod");
         (wrapper, dir)
     }
 }
