@@ -524,26 +524,28 @@ impl Durable {
     /// worker leaves ends with the bucket's retention.
     async fn purge_reads(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            let next = {
+            // The answer to purge now, or when the next one is due (none: nothing stored).
+            let next: Result<(String, u64), Option<tokio::time::Instant>> = {
                 let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
-                match reads.front() {
-                    Some((due, _, _))
-                        if *due <= tokio::time::Instant::now()
-                            || reads.len() > READ_RESULTS_HELD =>
-                    {
-                        Ok(reads.pop_front())
+                let over = reads.len() > READ_RESULTS_HELD;
+                match reads.pop_front() {
+                    Some((due, key, revision)) if over || due <= tokio::time::Instant::now() => {
+                        Ok((key, revision))
                     }
-                    Some((due, _, _)) => Err(Some(*due)),
+                    Some(read) => {
+                        let due = read.0;
+                        reads.push_front(read);
+                        Err(Some(due))
+                    }
                     None => Err(None),
                 }
             };
             match next {
-                Ok(Some((_, key, revision))) => {
+                Ok((key, revision)) => {
                     if let Err(err) = self.kv.purge_expect_revision(&key, Some(revision)).await {
                         tracing::debug!(%err, key, "a stored read answer was not purged");
                     }
                 }
-                Ok(None) => {}
                 Err(due) => {
                     let sleep = async {
                         match due {
