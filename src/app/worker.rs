@@ -658,8 +658,17 @@ async fn serve_core_endpoints(
 /// is said: a caller that sends at once is not told "no responders".
 async fn confirm_subscriptions(client: &async_nats::Client, micro: &Arc<Micro>) {
     let subject = micro.own_ping_subject();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(5);
+    let mut said = false;
     loop {
+        if !said && started.elapsed() >= std::time::Duration::from_secs(1) {
+            said = true;
+            tracing::info!(
+                subject,
+                "waiting (at most 5 s) for the broker to answer this worker's own $SRV.PING before saying ready"
+            );
+        }
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(1),
             client.request(subject.clone(), bytes::Bytes::new()),
